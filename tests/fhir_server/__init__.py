@@ -1,0 +1,1 @@
+"""The in-memory Medplum FHIR R4 test server (server.mjs) and its Python launcher."""

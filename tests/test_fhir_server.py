@@ -1,12 +1,14 @@
-"""The in-memory Medplum FHIR server used by integration tests (tests/fhir_server)."""
+"""The in-memory Medplum FHIR server used by integration tests (tests/fhir_server), and the demo loader."""
 
 from __future__ import annotations
 
+import socket
 import uuid
 
 import httpx
 import pytest
 
+from cds_service.demo_loader import DemoLoadError, as_transaction, load_bundles
 from fhir_server import launcher
 from fhir_server.launcher import FhirServerError, load_bundle, start_fhir_server
 
@@ -207,3 +209,93 @@ def test_launcher_stops_the_node_process_on_exit():
     assert process.poll() is not None
     with pytest.raises(FhirServerError):
         server.base_url
+
+
+# --- cds_service.demo_loader against the server ---------------------------------------------------
+
+
+def demo_collection(patient_id: str) -> dict:
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"resource": {"resourceType": "Patient", "id": patient_id, "gender": "female"}},
+            {"resource": {"resourceType": "Condition", "id": f"{patient_id}-lbp", **condition(patient_id)}},
+            {"resource": {"resourceType": "Condition", "id": f"{patient_id}-sciatica", **condition(patient_id, "23056005")}},
+        ],
+    }
+
+
+def test_collection_becomes_put_by_id_and_post_without_id():
+    bundle = demo_collection("demo-1")
+    bundle["entry"].append({"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Observation", "status": "final"}})
+    transaction = as_transaction("demo-1.json", bundle)
+    assert transaction["type"] == "transaction"
+    assert [e["request"] for e in transaction["entry"]] == [
+        {"method": "PUT", "url": "Patient/demo-1"},
+        {"method": "PUT", "url": "Condition/demo-1-lbp"},
+        {"method": "PUT", "url": "Condition/demo-1-sciatica"},
+        {"method": "POST", "url": "Observation"},
+    ]
+    assert transaction["entry"][3]["fullUrl"] == "urn:uuid:1"
+
+
+@pytest.mark.parametrize(
+    "bundle",
+    [{"resourceType": "Patient"}, {"resourceType": "Bundle", "type": "searchset"}, {"resourceType": "Bundle", "type": "collection", "entry": [{}]}],
+)
+def test_unloadable_bundles_are_named(bundle):
+    with pytest.raises(DemoLoadError, match=r"^odd\.json: "):
+        as_transaction("odd.json", bundle)
+
+
+@pytest.mark.fhir_server
+def test_load_bundles_loads_collections_and_transactions(fhir):
+    patient_a, patient_b = f"demo-{uuid.uuid4().hex[:10]}", f"demo-{uuid.uuid4().hex[:10]}"
+    transaction = as_transaction("b.json", demo_collection(patient_b))
+    bundles = [("a.json", demo_collection(patient_a)), ("b.json", transaction)]
+
+    assert load_bundles(fhir.base_url, bundles, progress=False) == 6
+    assert load_bundles(fhir.base_url + "/", bundles, progress=True) == 6  # again: PUT updates, no duplicates
+
+    for patient_id in (patient_a, patient_b):
+        assert httpx.get(f"{fhir.base_url}/Patient/{patient_id}").json()["gender"] == "female"
+        found = httpx.get(f"{fhir.base_url}/Condition", params={"patient": patient_id}).json()
+        assert sorted(search_ids(found)) == [f"{patient_id}-lbp", f"{patient_id}-sciatica"]
+
+
+@pytest.mark.fhir_server
+def test_load_bundles_names_the_failing_bundle(fhir):
+    good = ("good.json", demo_collection(f"demo-{uuid.uuid4().hex[:10]}"))
+    bad = (
+        "bad.json",
+        {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [{"resource": {"resourceType": "Patient", "id": "x"}, "request": {"method": "PUT", "url": "Patient/y"}}],
+        },
+    )
+    with pytest.raises(DemoLoadError, match=r"^bad\.json: the FHIR server refused the bundle: HTTP 400"):
+        load_bundles(fhir.base_url, [good, bad], progress=False)
+
+
+def test_load_bundles_names_the_bundle_when_the_server_is_unreachable():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again before use: nothing listens there
+    with pytest.raises(DemoLoadError, match=r"^p1\.json: cannot reach the FHIR server"):
+        load_bundles(f"http://127.0.0.1:{port}", [("p1.json", demo_collection("p1"))], progress=False)
+
+
+@pytest.mark.fhir_server
+def test_load_bundles_reports_failed_entries_of_a_batch(fhir):
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+            {"request": {"method": "GET", "url": f"Patient/{uuid.uuid4()}"}},
+        ],
+    }
+    with pytest.raises(DemoLoadError, match=r"^batch\.json: 1 entries failed \(entry 2: 404"):
+        load_bundles(fhir.base_url, [("batch.json", batch)], progress=False)

@@ -31,7 +31,6 @@ class Settings:
     public_base_url: str | None = None  # CDS_PUBLIC_BASE_URL: the URL EHRs call (JWT `aud`), e.g. https://cds.example.org
     cors_origins: tuple[str, ...] = ()  # CDS_CORS_ORIGINS: comma-separated; empty = any origin in open mode
     max_body_bytes: int = 5_000_000  # CDS_MAX_BODY_BYTES: larger request bodies get 413
-    max_json_depth: int = 64  # CDS_MAX_JSON_DEPTH: deeper JSON gets 400
 
     # Security
     clients_file: str | None = None  # CDS_CLIENTS_FILE: trusted EHRs (JSON/YAML); set = JWT required
@@ -96,7 +95,7 @@ class Settings:
             raise SettingsError(f"CDS_MODE must be 'live' or 'silent', not {self.mode!r}")
         if not (self.database_url.startswith("sqlite:") or self.database_url.startswith(("postgresql:", "postgres:"))):
             raise SettingsError("CDS_DATABASE_URL must start with sqlite:/// or postgresql://")
-        for name in ("max_body_bytes", "max_json_depth", "fhir_max_pages", "fhir_max_response_bytes", "jwt_max_lifetime_s"):
+        for name in ("max_body_bytes", "fhir_max_pages", "fhir_max_response_bytes", "jwt_max_lifetime_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{ENV_NAMES[name]} must be positive")
         if self.fhir_timeout_s <= 0 or self.fhir_deadline_s <= 0:
@@ -109,7 +108,6 @@ ENV_NAMES: dict[str, str] = {
     "public_base_url": "CDS_PUBLIC_BASE_URL",
     "cors_origins": "CDS_CORS_ORIGINS",
     "max_body_bytes": "CDS_MAX_BODY_BYTES",
-    "max_json_depth": "CDS_MAX_JSON_DEPTH",
     "clients_file": "CDS_CLIENTS_FILE",
     "jwt_max_lifetime_s": "CDS_JWT_MAX_LIFETIME",
     "jwt_clock_skew_s": "CDS_JWT_CLOCK_SKEW",

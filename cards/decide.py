@@ -1,0 +1,101 @@
+"""Clinical facts -> one assessment per lumbar imaging order: which guideline branch applies, and why. Pure.
+
+Evaluation order (criteria.md section 3; first match wins):
+  1. cauda equina feature, any age, whatever else is missing     -> cauda-equina-emergency (critical)
+  2. patient demographics unreadable                             -> imaging-data-incomplete
+  3. age under the adult threshold                               -> no card
+  4. conditions unreadable and no red flag found elsewhere       -> imaging-data-incomplete
+  5. no current back pain episode (conditions read)              -> no card
+  6. any red flag                                                -> imaging-indicated
+  7. >= 6 weeks of conservative care since the episode began     -> imaging-indicated
+  8. episode start unknown                                       -> no card (avoid false alerts)
+  9. any data needed to rule out red flags not read              -> imaging-data-incomplete
+ 10. otherwise                                                   -> imaging-not-indicated (warning)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fhir_mappings.facts import ClinicalFacts, Finding, ImagingOrder
+from fhir_mappings.knowledge import Knowledge
+
+CES = "cauda-equina-emergency"
+INDICATED = "imaging-indicated"
+NOT_INDICATED = "imaging-not-indicated"
+INCOMPLETE = "imaging-data-incomplete"
+
+# The data the "not indicated" advice rests on: every red flag source must have been read.
+NEEDED_TO_RULE_OUT = ("Patient", "Condition", "Observation", "MedicationRequest", "MedicationStatement", "Procedure", "ServiceRequest")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    modality: str  # MR | CT | XR
+    contrast: str | None  # without | with-and-without | None (X-ray, CT as ordered)
+    order_is_fine: bool  # the order as placed matches the recommendation
+
+
+@dataclass
+class Assessment:
+    order: ImagingOrder
+    card_type: str | None  # None: no card
+    rule: str  # C1.., R1.., F1, W1, N-child, N-no-episode, N-unknown-duration, INCOMPLETE
+    reason: str  # one line, for the audit and `evaluate`
+    findings: list[Finding] = field(default_factory=list)
+    protocol: Protocol | None = None
+    unread: dict[str, str] = field(default_factory=dict)  # resource type -> why, when it matters here
+
+
+def assess(facts: ClinicalFacts, knowledge: Knowledge) -> list[Assessment]:
+    return [assess_order(order, facts, knowledge) for order in facts.orders]
+
+
+def assess_order(order: ImagingOrder, facts: ClinicalFacts, knowledge: Knowledge) -> Assessment:
+    unread = {**{t: "not sent and not fetchable" for t in facts.missing}, **facts.unreadable}
+    if facts.ces:
+        return Assessment(order, CES, facts.ces[0].rule, "cauda equina feature present", list(facts.ces),
+                          ces_protocol(order, facts), _subset(unread, NEEDED_TO_RULE_OUT))
+    if "Patient" in unread:
+        return Assessment(order, INCOMPLETE, "INCOMPLETE", "patient record could not be read", unread=unread)
+    adult_age = knowledge.criteria["policy"]["adult_age_years"]
+    if facts.age is not None and facts.age < adult_age:
+        return Assessment(order, None, "N-child", f"age {facts.age} is under {adult_age}")
+    if "Condition" in unread and not facts.red_flags:
+        return Assessment(order, INCOMPLETE, "INCOMPLETE", "conditions could not be read", unread=unread)
+    if facts.episode is None and "Condition" not in unread:
+        return Assessment(order, None, "N-no-episode", "no current low back pain or sciatica episode recorded")
+    if facts.red_flags:
+        return Assessment(order, INDICATED, facts.red_flags[0].rule, "red flag present", list(facts.red_flags),
+                          indicated_protocol(order, facts.red_flags), unread)
+    if facts.conservative_care_failed and facts.conservative_care is not None:
+        care = facts.conservative_care
+        return Assessment(order, INDICATED, care.rule, f"conservative care for {facts.conservative_care_days} days",
+                          [care], indicated_protocol(order, [care]), unread)
+    if facts.episode is None or facts.episode.start is None:
+        return Assessment(order, None, "N-unknown-duration", "episode start not recorded")
+    if unread:
+        return Assessment(order, INCOMPLETE, "INCOMPLETE", "data needed to rule out red flags could not be read", unread=unread)
+    return Assessment(order, NOT_INDICATED, "W1", f"episode {facts.episode_days} days, no red flags, conservative care under 6 weeks")
+
+
+def indicated_protocol(order: ImagingOrder, findings: list[Finding]) -> Protocol:
+    contrast = "with-and-without" if any(f.protocol == "with-and-without" for f in findings) else "without"
+    fine_everywhere = all(order.modality in f.fine_orders for f in findings)
+    if order.modality == "MR":
+        return Protocol("MR", contrast, order.contrast == contrast)
+    if fine_everywhere:
+        return Protocol(order.modality, None, True)
+    return Protocol("MR", contrast, False)
+
+
+def ces_protocol(order: ImagingOrder, facts: ClinicalFacts) -> Protocol:
+    """Emergency MRI; without contrast unless infection or tumour is suspected (never delay for contrast)."""
+    contrast = "with-and-without" if any(f.protocol == "with-and-without" for f in facts.red_flags) else "without"
+    if order.modality == "MR":
+        return Protocol("MR", contrast, True)  # any MRI protocol is acceptable for suspected CES (ACR V4)
+    return Protocol("MR", contrast, False)
+
+
+def _subset(unread: dict[str, str], types: tuple[str, ...]) -> dict[str, str]:
+    return {t: unread[t] for t in types if t in unread}

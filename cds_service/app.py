@@ -1,0 +1,267 @@
+"""create_app(settings): the HTTP edge. Routes and middleware; the work is done by the modules they call.
+
+POST /cds-services/{id}
+  protocol.parse_hook_request   400 on a malformed request
+  auth.authenticate             401 when a trusted EHR's JWT is required and missing or invalid
+  prefetch.resolve_prefetch     prefetch keys, FHIR fallback for the absent ones
+  cards.engine.Engine           facts -> assessments -> cards (pure)
+  412                           when the decision needs data that was neither sent nor fetchable
+  audit                         one decision record per call, written in the background
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from contextlib import asynccontextmanager
+from datetime import date, datetime, timezone
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from cards.engine import Engine, Evaluation
+from fhir_mappings.knowledge import Knowledge
+
+from . import __version__
+from .auth import AuthError, Authenticator, StoreReplayCache, expected_audience
+from .discovery import Service, load_services
+from .fhir_client import FhirClient
+from .limits import BodySizeLimit
+from .prefetch import resolve_prefetch
+from .protocol import ProtocolError, encode, encode_cds_response, error_body, operation_outcome, parse_feedback, parse_hook_request
+from .settings import Settings
+from .store import AuditWriter, CardRecord, DecisionRecord, StoreError, open_store
+
+log = logging.getLogger("cds_service")
+
+JSON = "application/json"
+
+
+class ServiceState:
+    """Everything a request needs, built once at start-up."""
+
+    def __init__(self, settings: Settings, fhir_transport: Any = None):
+        self.settings = settings
+        self.knowledge = Knowledge.load(settings.criteria_file)
+        self.engine = Engine(self.knowledge)
+        self.services: dict[str, Service] = load_services(self.knowledge.codes)
+        self.store = open_store(settings.database_url)
+        self.audit = AuditWriter(self.store)
+        self.authenticator = Authenticator(settings, replay_cache=StoreReplayCache(self.store))
+        self.fhir = FhirClient(settings, transport=fhir_transport)
+        self.discovery_body = encode({"services": [s.discovery_entry() for s in self.services.values()]})
+
+    def today(self) -> date:
+        return self.settings.today or date.today()
+
+    async def close(self) -> None:
+        await self.fhir.aclose()
+        await self.authenticator.aclose()
+        self.audit.close()
+        self.store.close()
+
+
+def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    state = ServiceState(settings, fhir_transport)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not settings.auth_required:
+            log.warning("CDS_CLIENTS_FILE is not set: the service accepts calls from any client without authentication (development mode)")
+        gc.collect()
+        gc.freeze()  # start-up objects leave the collector's generations: no long GC pauses on the hot path
+        yield
+        await state.close()
+
+    app = FastAPI(
+        title="Lumbar spine imaging CDS service",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+    )
+    app.state.cds = state
+    origins = list(settings.cors_origins) or ([] if settings.auth_required else ["*"])
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type"],
+        max_age=600,
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        messages = {404: "No such endpoint.", 405: "Method not allowed on this endpoint."}
+        message = messages.get(exc.status_code, str(exc.detail))
+        code = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
+        headers = {"Allow": exc.headers["Allow"]} if exc.headers and "Allow" in exc.headers else None
+        return Response(encode(operation_outcome(message, code=code)), exc.status_code, headers=headers, media_type=JSON)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        log.error("unexpected %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        return Response(encode(operation_outcome("Internal error; the request was not processed.", code="exception")), 500, media_type=JSON)
+
+    async def authenticate(request: Request):
+        audience = expected_audience(settings, str(request.url))
+        return await state.authenticator.authenticate(audience, request.headers.get("authorization"))
+
+    def unauthorized() -> Response:
+        return Response(
+            encode(operation_outcome("Authentication failed.", code="login")),
+            401,
+            headers={"WWW-Authenticate": 'Bearer realm="cds-services", error="invalid_token"'},
+            media_type=JSON,
+        )
+
+    def error(exc: ProtocolError) -> Response:
+        return Response(error_body(exc), exc.status, media_type=JSON)
+
+    @app.get("/cds-services")
+    async def discovery(request: Request) -> Response:
+        try:
+            await authenticate(request)
+        except AuthError as exc:
+            log.info("discovery refused: %s", exc.reason)
+            return unauthorized()
+        return Response(state.discovery_body, media_type=JSON)
+
+    @app.post("/cds-services/{service_id}")
+    async def call_service(service_id: str, request: Request) -> Response:
+        started = time.perf_counter()
+        service = state.services.get(service_id)
+        if service is None:
+            return error(ProtocolError(404, f"No CDS service with id '{service_id}'.", code="not-found"))
+        try:
+            client = await authenticate(request)
+        except AuthError as exc:
+            log.info("service call refused: %s", exc.reason)
+            return unauthorized()
+        try:
+            hook_request = parse_hook_request(await request.body(), service.hook)
+        except ProtocolError as exc:
+            log.info("service=%s rejected %d: %s", service_id, exc.status, exc.field or "body")
+            return error(exc)
+
+        data = await resolve_prefetch(hook_request, service, state.fhir, client.fhir_servers if client else ())
+        evaluation = state.engine.evaluate(
+            data.resources,
+            hook_request.draft_orders,
+            state.today(),
+            hook_request.hook_instance,
+            selections=hook_request.selections if hook_request.hook == "order-select" else None,
+            unreadable=data.unreadable,
+            missing=data.missing,
+        )
+        has_ces = any(card["indicator"] == "critical" for card in evaluation.cards)
+        if not has_ces and (evaluation.needs_missing_data or (data.nothing_read and evaluation.facts.orders)):
+            status, body = 412, _precondition_failed(data.missing, data.unreadable)
+            shown: list[dict] = []
+        else:
+            status = 200
+            shown = _shown_cards(evaluation.cards, settings)
+            body = encode_cds_response({"cards": shown})
+        _audit(state, service, hook_request, evaluation, shown, status)
+        log.info(
+            "hookInstance=%s service=%s status=%d cards=%s fetched=%d elapsed_ms=%.1f",
+            hook_request.hook_instance[:64], service_id, status,
+            ",".join(c["source"]["topic"]["code"] for c in evaluation.cards) or "none",
+            len(data.fetched_keys), (time.perf_counter() - started) * 1000,
+        )
+        return Response(body, status, media_type=JSON)
+
+    @app.post("/cds-services/{service_id}/feedback")
+    async def feedback(service_id: str, request: Request) -> Response:
+        if service_id not in state.services:
+            return error(ProtocolError(404, f"No CDS service with id '{service_id}'.", code="not-found"))
+        try:
+            await authenticate(request)
+        except AuthError as exc:
+            log.info("feedback refused: %s", exc.reason)
+            return unauthorized()
+        try:
+            items = parse_feedback(await request.body())
+        except ProtocolError as exc:
+            return error(exc)
+        try:
+            result = await run_in_threadpool(state.store.record_feedback, service_id, items)
+        except StoreError:
+            log.error("feedback for service=%s not stored: database unavailable", service_id)
+            return Response(encode(operation_outcome("Feedback could not be stored; please retry.", code="transient")), 503,
+                            headers={"Retry-After": "5"}, media_type=JSON)
+        log.info("feedback service=%s stored=%d duplicates=%d unknown_cards=%d", service_id, result.stored, result.duplicates, result.unknown_cards)
+        return Response(encode({"stored": result.stored, "duplicates": result.duplicates, "unknownCards": result.unknown_cards}), media_type=JSON)
+
+    @app.get("/healthz")
+    async def health() -> Response:
+        body: dict[str, Any] = {
+            "status": "ok",
+            "version": __version__,
+            "knowledgeVersion": state.knowledge.version,
+            "mode": settings.mode,
+            "authentication": "required" if settings.auth_required else "disabled (development mode: set CDS_CLIENTS_FILE)",
+            "services": list(state.services),
+        }
+        if not settings.auth_required:
+            body["warnings"] = ["Authentication is disabled: any client can call this service."]
+        return Response(encode(body), media_type=JSON)
+
+    return app
+
+
+def _shown_cards(cards: list[dict], settings: Settings) -> list[dict]:
+    """Silent mode returns nothing but the cauda equina card (unless configured to hold that back too)."""
+    if settings.mode != "silent":
+        return cards
+    if settings.silent_suppresses_critical:
+        return []
+    return [card for card in cards if card["indicator"] == "critical"]
+
+
+def _precondition_failed(missing: list[str], unreadable: dict[str, str]) -> bytes:
+    parts = []
+    if missing:
+        parts.append("not prefetched and no fhirServer to read them from: " + ", ".join(sorted(missing)))
+    if unreadable:
+        parts.append("could not be read: " + ", ".join(f"{k} ({v})" for k, v in sorted(unreadable.items())))
+    message = "The data needed to assess this order is not available; " + "; ".join(parts) + "."
+    return encode(operation_outcome(message, code="incomplete"))
+
+
+def _audit(state: ServiceState, service: Service, request, evaluation: Evaluation, shown: list[dict], status: int) -> None:
+    shown_ids = {card["uuid"] for card in shown}
+    extension_key = state.engine.renderer.common["extension_key"]
+    records = []
+    for card in evaluation.cards:
+        assessment = card["extension"][extension_key]
+        records.append(CardRecord(
+            uuid=card["uuid"],
+            card_type=card["source"]["topic"]["code"],
+            indicator=card["indicator"],
+            rule=assessment["rule"],
+            order_ref=assessment.get("order"),
+            fact_ids=tuple(assessment.get("facts", ())),
+            fact_refs=tuple(assessment.get("evidence", ())),
+            suggestion_uuids=tuple(s["uuid"] for s in card.get("suggestions", ())),
+            shown=status == 200 and card["uuid"] in shown_ids,
+        ))
+    state.audit.submit(DecisionRecord(
+        hook_instance=request.hook_instance,
+        service_id=service.id,
+        hook=request.hook,
+        evaluated_at=datetime.now(timezone.utc),
+        patient_key=state.store.patient_key(request.patient_id, state.settings.audit_key),
+        mode=state.settings.mode,
+        knowledge_version=state.knowledge.version,
+        status=status,
+        cards=tuple(records),
+    ))

@@ -1,0 +1,126 @@
+"""Service definitions (from services.yaml) and prefetch templates.
+
+Templates are checked at start-up against the CDS Hooks 2.0 token rules: only root-level context fields
+that the hook marks as tokens, or the 2.0 user tokens. `@codes(GROUP, ...)` is expanded from the value sets.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from fhir_mappings.codes import CodeIndex
+
+from .protocol import HOOK_DEFINITIONS
+
+SERVICES_FILE = Path(__file__).with_name("services.yaml")
+USER_TOKENS = ("userPractitionerId", "userPractitionerRoleId", "userPatientId", "userRelatedPersonId")
+_TOKEN = re.compile(r"\{\{\s*([^}]*?)\s*\}\}")
+_CODES = re.compile(r"@codes\(([^)]*)\)")
+# The resource types each prefetch key brings; used to pool data sent under other key names.
+_TEMPLATE_TYPE = re.compile(r"^([A-Z][A-Za-z]+)[/?]")
+
+
+@dataclass(frozen=True)
+class Service:
+    id: str
+    hook: str
+    title: str
+    description: str
+    prefetch: Mapping[str, str]
+    usage_requirements: str | None = None
+
+    def discovery_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "hook": self.hook,
+            "id": self.id,
+            "title": self.title,
+            "description": self.description,
+            "prefetch": dict(self.prefetch),
+        }
+        if self.usage_requirements:
+            entry["usageRequirements"] = self.usage_requirements
+        return entry
+
+    def resource_type(self, key: str) -> str:
+        match = _TEMPLATE_TYPE.match(self.prefetch[key])
+        return match.group(1) if match else key
+
+
+def load_services(codes: CodeIndex, path: Path = SERVICES_FILE) -> dict[str, Service]:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    services: dict[str, Service] = {}
+    for raw in data["services"]:
+        hook = raw["hook"]
+        if hook not in HOOK_DEFINITIONS:
+            raise ValueError(f"services.yaml: service {raw['id']!r} uses unknown hook {hook!r}")
+        prefetch = {key: _expand_codes(template, codes) for key, template in (raw.get("prefetch") or {}).items()}
+        for key, template in prefetch.items():
+            check_template(hook, key, template)
+        if raw["id"] in services or not re.fullmatch(r"[A-Za-z0-9._~-]+", raw["id"]):
+            raise ValueError(f"services.yaml: service id {raw['id']!r} is duplicated or not URL-safe")
+        services[raw["id"]] = Service(
+            id=raw["id"],
+            hook=hook,
+            title=raw["title"],
+            description=" ".join(raw["description"].split()),
+            prefetch=prefetch,
+            usage_requirements=" ".join(raw["usageRequirements"].split()) if raw.get("usageRequirements") else None,
+        )
+    return services
+
+
+def check_template(hook: str, key: str, template: str) -> None:
+    allowed = {f"context.{name}" for name, spec in HOOK_DEFINITIONS[hook]["context"].items() if spec.get("token")}
+    allowed.update(USER_TOKENS)
+    for token in _TOKEN.findall(template):
+        if token not in allowed:
+            raise ValueError(f"prefetch {key!r}: token {{{{{token}}}}} is not a CDS Hooks 2.0 token of {hook}")
+    if template.startswith("/") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", template):
+        raise ValueError(f"prefetch {key!r}: templates are relative FHIR URLs")
+    for forbidden in ("_include", "_revinclude", "_has", ":text", ":contains", ":missing"):
+        if forbidden in template:
+            raise ValueError(f"prefetch {key!r}: {forbidden} is outside the CDS Hooks 2.0 query subset")
+
+
+def fill_template(template: str, context: Mapping[str, Any]) -> str | None:
+    """Substitute {{context.x}} and user tokens; None when a token cannot be resolved."""
+    user_id = context.get("userId") if isinstance(context.get("userId"), str) else ""
+    user_type, _, user_ref_id = user_id.partition("/")
+    user_tokens = {
+        "userPractitionerId": user_ref_id if user_type == "Practitioner" else None,
+        "userPractitionerRoleId": user_ref_id if user_type == "PractitionerRole" else None,
+        "userPatientId": user_ref_id if user_type == "Patient" else None,
+        "userRelatedPersonId": user_ref_id if user_type == "RelatedPerson" else None,
+    }
+    missing = False
+
+    def substitute(match: re.Match) -> str:
+        nonlocal missing
+        token = match.group(1)
+        value = context.get(token[len("context."):]) if token.startswith("context.") else user_tokens.get(token)
+        if not isinstance(value, str) or not value:
+            missing = True
+            return ""
+        return quote(value, safe="")
+
+    filled = _TOKEN.sub(substitute, template)
+    return None if missing else filled
+
+
+def _expand_codes(template: str, codes: CodeIndex) -> str:
+    def expand(match: re.Match) -> str:
+        tokens: list[str] = []
+        for group in (g.strip() for g in match.group(1).split(",")):
+            for entry in codes.group_codes(group):
+                token = f"{entry['system']}|{entry['code']}"
+                if token not in tokens:
+                    tokens.append(token)
+        return ",".join(tokens)
+
+    return _CODES.sub(expand, template)

@@ -1,0 +1,164 @@
+"""Resolve every prefetch key of a service into patient data, fetching what the EHR did not send.
+
+Per key (CDS Hooks 2.0 §Prefetch, checklist PF-04..07):
+  present    a resource or a searchset Bundle: used (its `next` pages fetched from fhirServer when allowed)
+  null       the EHR has no data for it: read, empty; never fetched again
+  error      an OperationOutcome (bare, or an error entry of the Bundle), or a value that is not FHIR: unreadable
+  absent     queried against fhirServer when the request has one; otherwise missing
+
+Resources sent under key names this service did not ask for are used too (lenient input), and a
+resource type they bring counts as read.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+from urllib.parse import urlsplit
+
+from .discovery import Service, fill_template
+from .fhir_client import FhirClient
+from .protocol import HookRequest
+
+log = logging.getLogger("cds_service.prefetch")
+
+
+@dataclass
+class PatientData:
+    resources: list[dict] = field(default_factory=list)
+    # resource type -> why it could not be read (OperationOutcome, timeout, HTTP 500, ...)
+    unreadable: dict[str, str] = field(default_factory=dict)
+    # resource types neither prefetched nor fetchable (no fhirServer): the 412 case
+    missing: list[str] = field(default_factory=list)
+    fetched_keys: list[str] = field(default_factory=list)
+
+    @property
+    def nothing_read(self) -> bool:
+        return not self.resources and bool(self.unreadable or self.missing)
+
+
+async def resolve_prefetch(
+    request: HookRequest,
+    service: Service,
+    fhir: FhirClient | None,
+    extra_prefixes: Sequence[str] = (),
+) -> PatientData:
+    data = PatientData()
+    seen: set[tuple[str, str]] = set()
+    types_read: set[str] = set()
+    to_fetch: dict[str, str] = {}
+    key_types = {key: service.resource_type(key) for key in service.prefetch}
+
+    for key, value in request.prefetch.items():
+        expected_type = key_types.get(key)
+        if value is None:
+            if expected_type:
+                types_read.add(expected_type)
+            continue
+        resources, error, next_url = _unpack(value)
+        _add(data, seen, resources)
+        if error:
+            if expected_type:
+                data.unreadable[expected_type] = error
+            continue
+        if next_url:
+            relative = _relative_to(request.fhir_server, next_url)
+            if relative and fhir is not None:
+                to_fetch[key] = relative
+            elif expected_type:
+                data.unreadable[expected_type] = "prefetch has further pages that cannot be fetched"
+            continue
+        if expected_type:
+            types_read.add(expected_type)
+        types_read.update(resource["resourceType"] for resource in resources)
+
+    for key, template in service.prefetch.items():
+        resource_type = key_types[key]
+        if key in request.prefetch or key in to_fetch or resource_type in types_read or resource_type in data.unreadable:
+            continue
+        query = fill_template(template, request.context)
+        if query is None:
+            data.unreadable[resource_type] = "prefetch template could not be filled from the context"
+        elif request.fhir_server and fhir is not None:
+            to_fetch[key] = query
+        else:
+            data.missing.append(resource_type)
+
+    if to_fetch and request.fhir_server and fhir is not None:
+        results = await fhir.fetch_all(request.fhir_server, to_fetch, request.access_token, extra_prefixes)
+        for key, result in results.items():
+            resource_type = key_types.get(key, key)
+            data.fetched_keys.append(key)
+            if result.resources:
+                _add(data, seen, result.resources)
+            if result.resources is None or result.error or result.partial:
+                data.unreadable[resource_type] = result.error or "incomplete"
+            else:
+                types_read.add(resource_type)
+                data.unreadable.pop(resource_type, None)
+    return data
+
+
+def _unpack(value: Any) -> tuple[list[dict], str | None, str | None]:
+    """(resources, error, next page URL) of one prefetch value."""
+    if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
+        return [], "prefetch value is not a FHIR resource", None
+    if value["resourceType"] == "OperationOutcome":
+        return [], f"OperationOutcome{_issue_code(value)}", None
+    if value["resourceType"] != "Bundle":
+        return [value], None, None
+    resources: list[dict] = []
+    error = None
+    entries = value.get("entry")
+    for entry in entries if isinstance(entries, list) else []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            continue
+        if resource["resourceType"] == "OperationOutcome":
+            if _is_error(resource):
+                error = f"OperationOutcome{_issue_code(resource)}"
+            continue
+        resources.append(resource)
+    next_url = None
+    links = value.get("link")
+    for link in links if isinstance(links, list) else []:
+        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            next_url = link["url"]
+    return resources, error, next_url
+
+
+def _add(data: PatientData, seen: set[tuple[str, str]], resources: list[dict]) -> None:
+    for resource in resources:
+        resource_type = resource.get("resourceType")
+        resource_id = resource.get("id")
+        if isinstance(resource_id, str) and resource_id:
+            identity = (resource_type, resource_id)
+            if identity in seen:
+                continue
+            seen.add(identity)
+        data.resources.append(resource)
+
+
+def _is_error(outcome: dict) -> bool:
+    issues = outcome.get("issue")
+    return any(isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in (issues if isinstance(issues, list) else []))
+
+
+def _issue_code(outcome: dict) -> str:
+    issues = outcome.get("issue")
+    if isinstance(issues, list) and issues and isinstance(issues[0], dict) and isinstance(issues[0].get("code"), str):
+        return f": {issues[0]['code']}"
+    return ""
+
+
+def _relative_to(base: str | None, url: str) -> str | None:
+    if not base:
+        return None
+    base_parts, url_parts = urlsplit(base.rstrip("/") + "/"), urlsplit(url)
+    if (base_parts.scheme, base_parts.netloc) != (url_parts.scheme, url_parts.netloc):
+        return None
+    if not url_parts.path.startswith(base_parts.path):
+        return None
+    relative = url_parts.path[len(base_parts.path):]
+    return relative + (f"?{url_parts.query}" if url_parts.query else "")

@@ -1,0 +1,244 @@
+"""CDS Hooks 2.0 wire format: request validation, feedback validation, error bodies, response encoding.
+
+Strict on what the specification requires (400 with a message naming the field), lenient on content
+(real clients send ``"coding": [{}]``, ``"reasonCode": []`` and Bundles without ``type``).
+Error bodies are FHIR OperationOutcomes, as CDS Hooks 3.0 recommends and 2.0 allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+HOOK_DEFINITIONS: dict[str, dict[str, dict[str, Any]]] = yaml.safe_load(
+    (Path(__file__).with_name("hooks.yaml")).read_text(encoding="utf-8")
+)["hooks"]
+
+_JSON_TYPES = {"string": str, "array": list, "object": dict, "boolean": bool}
+_JSON_TYPE_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a boolean"}
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+
+
+class ProtocolError(Exception):
+    """A request the service will not process; becomes a 4xx OperationOutcome."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, code: str = "invalid"):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.code = code
+
+
+def operation_outcome(message: str, field: str | None = None, code: str = "invalid", severity: str = "error") -> dict:
+    issue: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": message}
+    if field:
+        issue["expression"] = [field]
+    return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+def error_body(error: ProtocolError) -> bytes:
+    return _encoder.encode(operation_outcome(error.message, error.field, error.code))
+
+
+def decode_json_object(body: bytes, what: str = "request body") -> dict:
+    if not body or not body.strip():
+        raise ProtocolError(400, f"The {what} is empty; expected a JSON object.")
+    try:
+        value = _decoder.decode(body)
+    except RecursionError:
+        raise ProtocolError(400, f"The {what} is nested too deeply.") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(400, f"The {what} is not valid JSON: {exc}.", code="structure") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(400, f"The {what} must be a JSON object, not {_describe(value)}.", code="structure")
+    return value
+
+
+@dataclass(frozen=True)
+class HookRequest:
+    hook: str
+    hook_instance: str
+    context: dict
+    prefetch: dict
+    fhir_server: str | None
+    access_token: str | None
+    patient_id: str
+    user_id: str | None
+    selections: tuple[str, ...] | None
+    draft_orders: dict
+
+
+def parse_hook_request(body: bytes, service_hook: str) -> HookRequest:
+    """Validate a CDS Hooks 2.0 service request for a service registered on ``service_hook``."""
+    request = decode_json_object(body)
+    hook = _required(request, "hook", str)
+    hook_instance = _required(request, "hookInstance", str)
+    if not hook_instance.strip():
+        raise ProtocolError(400, "'hookInstance' must not be empty.", "hookInstance")
+    if hook != service_hook:
+        raise ProtocolError(400, f"This service answers the '{service_hook}' hook, not '{hook}'.", "hook")
+    context = _required(request, "context", dict)
+    definition = HOOK_DEFINITIONS[hook]
+    for name, spec in definition["context"].items():
+        expected = _JSON_TYPES[spec["type"]]
+        if name not in context or context[name] is None:
+            if spec.get("required"):
+                raise ProtocolError(400, f"The '{hook}' context requires '{name}'.", f"context.{name}")
+            continue
+        if not isinstance(context[name], expected):
+            raise ProtocolError(
+                400, f"'context.{name}' must be {_JSON_TYPE_NAMES[expected]}, not {_describe(context[name])}.", f"context.{name}"
+            )
+    if not context["patientId"].strip():
+        raise ProtocolError(400, "'context.patientId' must not be empty.", "context.patientId")
+    selections = context.get("selections")
+    if selections is not None and not all(isinstance(item, str) for item in selections):
+        raise ProtocolError(400, "'context.selections' must be an array of strings such as 'ServiceRequest/123'.", "context.selections")
+    draft_orders = context["draftOrders"]
+    if draft_orders.get("resourceType") not in (None, "Bundle"):
+        raise ProtocolError(400, "'context.draftOrders' must be a FHIR Bundle.", "context.draftOrders")
+    if not isinstance(draft_orders.get("entry", []), list):
+        raise ProtocolError(400, "'context.draftOrders.entry' must be an array.", "context.draftOrders.entry")
+
+    prefetch = request.get("prefetch")
+    if prefetch is None:
+        prefetch = {}
+    elif not isinstance(prefetch, dict):
+        raise ProtocolError(400, f"'prefetch' must be an object, not {_describe(prefetch)}.", "prefetch")
+
+    fhir_server = request.get("fhirServer")
+    if fhir_server is not None and (not isinstance(fhir_server, str) or not fhir_server.startswith(("http://", "https://"))):
+        raise ProtocolError(400, "'fhirServer' must be an http(s) URL.", "fhirServer")
+    authorization = request.get("fhirAuthorization")
+    access_token = None
+    if authorization is not None:
+        if not isinstance(authorization, dict):
+            raise ProtocolError(400, "'fhirAuthorization' must be an object.", "fhirAuthorization")
+        if not fhir_server:
+            raise ProtocolError(400, "'fhirAuthorization' requires 'fhirServer'.", "fhirServer")
+        token = authorization.get("access_token")
+        if isinstance(token, str) and token:
+            access_token = token
+
+    return HookRequest(
+        hook=hook,
+        hook_instance=hook_instance,
+        context=context,
+        prefetch=prefetch,
+        fhir_server=fhir_server.rstrip("/") if fhir_server else None,
+        access_token=access_token,
+        patient_id=context["patientId"].strip(),
+        user_id=context.get("userId"),
+        selections=tuple(selections) if selections is not None else None,
+        draft_orders=draft_orders,
+    )
+
+
+FEEDBACK_OUTCOMES = ("accepted", "overridden")
+
+
+def parse_feedback(body: bytes) -> list[dict]:
+    """Validate a CDS Hooks 2.0 feedback body; returns the feedback items."""
+    request = decode_json_object(body)
+    items = _required(request, "feedback", list)
+    if not items:
+        raise ProtocolError(400, "'feedback' must hold at least one item.", "feedback")
+    for index, item in enumerate(items):
+        where = f"feedback[{index}]"
+        if not isinstance(item, dict):
+            raise ProtocolError(400, f"'{where}' must be an object.", where)
+        card = _required(item, "card", str, where)
+        if not card.strip():
+            raise ProtocolError(400, f"'{where}.card' must be the card's uuid.", f"{where}.card")
+        outcome = _required(item, "outcome", str, where)
+        if outcome not in FEEDBACK_OUTCOMES:
+            raise ProtocolError(400, f"'{where}.outcome' must be 'accepted' or 'overridden', not {outcome!r}.", f"{where}.outcome")
+        timestamp = _required(item, "outcomeTimestamp", str, where)
+        if not _looks_like_datetime(timestamp):
+            raise ProtocolError(400, f"'{where}.outcomeTimestamp' must be an ISO 8601 date-time.", f"{where}.outcomeTimestamp")
+        accepted = item.get("acceptedSuggestions")
+        if outcome == "accepted":
+            if not isinstance(accepted, list) or not accepted:
+                raise ProtocolError(400, f"'{where}.acceptedSuggestions' is required when the outcome is 'accepted'.", f"{where}.acceptedSuggestions")
+        if accepted is not None:
+            if not isinstance(accepted, list) or not all(isinstance(s, dict) and isinstance(s.get("id"), str) for s in accepted):
+                raise ProtocolError(400, f"'{where}.acceptedSuggestions' must be an array of {{\"id\": <suggestion uuid>}}.", f"{where}.acceptedSuggestions")
+        reason = item.get("overrideReason")
+        if reason is not None:
+            if not isinstance(reason, dict):
+                raise ProtocolError(400, f"'{where}.overrideReason' must be an object.", f"{where}.overrideReason")
+            coding = reason.get("reason")
+            if coding is not None and not (isinstance(coding, dict) and isinstance(coding.get("code"), str)):
+                raise ProtocolError(400, f"'{where}.overrideReason.reason' must be a Coding with a code.", f"{where}.overrideReason.reason")
+            comment = reason.get("userComment")
+            if comment is not None and not isinstance(comment, str):
+                raise ProtocolError(400, f"'{where}.overrideReason.userComment' must be a string.", f"{where}.overrideReason.userComment")
+            if coding is None and not comment:
+                raise ProtocolError(400, f"'{where}.overrideReason' needs a 'reason' or a 'userComment'.", f"{where}.overrideReason")
+    return items
+
+
+def encode(value: Any) -> bytes:
+    return _encoder.encode(value)
+
+
+def encode_cds_response(response: dict) -> bytes:
+    """Serialise a CDS Hooks response with no null and no empty value anywhere, except ``"cards": []``."""
+    pruned = prune(response)
+    if not isinstance(pruned, dict):
+        pruned = {}
+    pruned.setdefault("cards", [])
+    return _encoder.encode(pruned)
+
+
+def prune(value: Any) -> Any:
+    """Drop None, "", [] and {} recursively (CDS Hooks 2.0 'Use of JSON')."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            item = prune(item)
+            if item is not None:
+                out[key] = item
+        return out or None
+    if isinstance(value, list):
+        out_list = [p for p in (prune(item) for item in value) if p is not None]
+        return out_list or None
+    if value == "":
+        return None
+    return value
+
+
+def _required(obj: dict, name: str, kind: type, parent: str | None = None) -> Any:
+    field = f"{parent}.{name}" if parent else name
+    if name not in obj or obj[name] is None:
+        raise ProtocolError(400, f"'{field}' is required.", field)
+    if not isinstance(obj[name], kind) or (kind is str and isinstance(obj[name], bool)):
+        raise ProtocolError(400, f"'{field}' must be {_JSON_TYPE_NAMES[kind]}, not {_describe(obj[name])}.", field)
+    return obj[name]
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _looks_like_datetime(text: str) -> bool:
+    from datetime import datetime
+
+    try:
+        datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True

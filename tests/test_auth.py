@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import threading
+import time
 import uuid
 from base64 import urlsafe_b64encode
 from pathlib import Path
@@ -737,3 +738,83 @@ def test_unreadable_clients_file(tmp_path: Path) -> None:
 def test_http_key_url_allowed_on_localhost(tmp_path: Path) -> None:
     (client,) = load_clients(clients_file(tmp_path, [{"issuer": EHR, "jwks_url": "http://localhost:9000/jwks.json"}]))
     assert client.jwks_url == "http://localhost:9000/jwks.json"
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP: the three endpoints answer 401 (bare, with WWW-Authenticate: Bearer) without a valid JWT
+
+PUBLIC_BASE = "https://cds.example.org"
+SERVICE_ID = "lumbar-imaging-order-select"
+HTTP_ENDPOINTS = [
+    ("GET", "/cds-services"),
+    ("POST", f"/cds-services/{SERVICE_ID}"),
+    ("POST", f"/cds-services/{SERVICE_ID}/feedback"),
+]
+
+
+def live_token(path: str, **claims: Any) -> str:
+    now = time.time()
+    return make_token(claims={"aud": PUBLIC_BASE + path, "iat": now, "exp": now + 300, **claims})
+
+
+@pytest.fixture
+def http(tmp_path: Path):
+    from fastapi.testclient import TestClient
+
+    from cds_service.app import create_app
+
+    clients = [{"issuer": EHR, "jwks": EHR_KEYS, "fhir_servers": ["https://fhir.ehr.example.org/r4"]}]
+    settings = Settings(
+        clients_file=clients_file(tmp_path, clients), public_base_url=PUBLIC_BASE, database_url=f"sqlite:///{tmp_path / 'cds.db'}"
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("method", "path"), HTTP_ENDPOINTS)
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Basic dXNlcjpwYXNz", "Bearer garbage", "wrong-aud", "expired", "alg-none"],
+)
+def test_http_endpoint_refuses_without_a_valid_jwt(http, caplog: pytest.LogCaptureFixture, method: str, path: str, authorization: str | None) -> None:
+    now = time.time()
+    tokens = {
+        "wrong-aud": bearer(live_token("/cds-services/another-service")),
+        "expired": bearer(make_token(claims={"aud": PUBLIC_BASE + path, "iat": now - 1000, "exp": now - 700})),
+        "alg-none": bearer(make_token(alg="none", claims={"aud": PUBLIC_BASE + path}, sign=lambda message: b"")),
+    }
+    authorization = tokens.get(authorization, authorization)
+    headers = {"Authorization": authorization} if authorization else {}
+    caplog.set_level(logging.DEBUG)
+    response = http.request(method, path, headers=headers, content=b"{}")
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    for detail in ("aud", "expired", "alg", "malformed", "bearer token", EHR):
+        assert detail not in response.text  # 401 without details
+    assert all("eyJ" not in record.getMessage() for record in caplog.records)  # the token is never logged
+
+
+@pytest.mark.parametrize(("method", "path"), HTTP_ENDPOINTS)
+def test_http_endpoint_accepts_a_valid_jwt(http, method: str, path: str) -> None:
+    response = http.request(method, path, headers={"Authorization": bearer(live_token(path))}, content=b"{}")
+    # authenticated: discovery answers 200; the POSTs go on to validate the (empty) body: 400, not 401
+    assert response.status_code == (200 if method == "GET" else 400)
+
+
+def test_http_replayed_token_is_refused(http) -> None:
+    token = bearer(live_token("/cds-services"))
+    assert http.get("/cds-services", headers={"Authorization": token}).status_code == 200
+    assert http.get("/cds-services", headers={"Authorization": token}).status_code == 401
+
+
+def test_http_discovery_token_is_refused_on_the_service_endpoint(http) -> None:
+    token = bearer(live_token("/cds-services"))
+    assert http.post(f"/cds-services/{SERVICE_ID}", headers={"Authorization": token}, content=b"{}").status_code == 401
+
+
+def test_http_audience_comes_from_the_public_base_url_not_the_host_header(http) -> None:
+    # a token the EHR issued to another CDS service, forwarded to us with that service's Host header
+    now = time.time()
+    forwarded = make_token(claims={"aud": "http://other-cds.example/cds-services", "iat": now, "exp": now + 300})
+    response = http.get("/cds-services", headers={"Authorization": bearer(forwarded), "Host": "other-cds.example"})
+    assert response.status_code == 401

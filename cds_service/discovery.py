@@ -75,17 +75,52 @@ def load_services(codes: CodeIndex, path: Path = SERVICES_FILE) -> dict[str, Ser
     return services
 
 
+# CDS Hooks 2.0 §Prefetch query restrictions: read, type-level search, references, token equality
+# (optionally :in), dates with eq/lt/gt/ge/le, _count, _sort. `_id` and `_lastUpdated` are a token
+# and a date parameter, so they fit the subset too; every other `_` parameter does not.
+_ALLOWED_SPECIAL = ("_count", "_sort", "_id", "_lastUpdated")
+_ALLOWED_MODIFIERS = ("in",)
+_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+_FORBIDDEN_PREFIX = re.compile(r"^(ne|sa|eb|ap)(?=[0-9{])")
+
+
 def check_template(hook: str, key: str, template: str) -> None:
+    """Raise ValueError unless ``template`` is a relative FHIR read or search URL within the 2.0
+    token rules and query subset (checklist DISC-08, PF-02, PF-03)."""
     allowed = {f"context.{name}" for name, spec in HOOK_DEFINITIONS[hook]["context"].items() if spec.get("token")}
     allowed.update(USER_TOKENS)
     for token in _TOKEN.findall(template):
         if token not in allowed:
             raise ValueError(f"prefetch {key!r}: token {{{{{token}}}}} is not a CDS Hooks 2.0 token of {hook}")
+    bare = _TOKEN.sub("TOKEN", template)
+    if "{{" in bare or "}}" in bare:
+        raise ValueError(f"prefetch {key!r}: unbalanced token braces")
     if template.startswith("/") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", template):
         raise ValueError(f"prefetch {key!r}: templates are relative FHIR URLs")
-    for forbidden in ("_include", "_revinclude", "_has", ":text", ":contains", ":missing"):
-        if forbidden in template:
-            raise ValueError(f"prefetch {key!r}: {forbidden} is outside the CDS Hooks 2.0 query subset")
+    path, has_query, query = bare.partition("?")
+    segments = path.split("/")
+    if not _RESOURCE_TYPE.fullmatch(segments[0]):
+        raise ValueError(f"prefetch {key!r}: must start with a FHIR resource type")
+    if has_query and len(segments) != 1:
+        raise ValueError(f"prefetch {key!r}: only type-level searches are in the CDS Hooks 2.0 query subset")
+    if not has_query and (len(segments) != 2 or not segments[1] or segments[1].startswith(("_", "$"))):
+        raise ValueError(f"prefetch {key!r}: a template without a query must be an instance read, Type/{{{{id}}}}")
+    if not has_query:
+        return
+    for parameter in query.split("&"):
+        name, has_value, value = parameter.partition("=")
+        base, _, modifier = name.partition(":")
+        if not has_value or not base or not value:
+            raise ValueError(f"prefetch {key!r}: search parameter {parameter!r} has no name or value")
+        if "." in name:
+            raise ValueError(f"prefetch {key!r}: chained parameter {name!r} is outside the CDS Hooks 2.0 query subset")
+        if base.startswith("_") and base not in _ALLOWED_SPECIAL:
+            raise ValueError(f"prefetch {key!r}: {base} is outside the CDS Hooks 2.0 query subset")
+        if modifier and modifier not in _ALLOWED_MODIFIERS:
+            raise ValueError(f"prefetch {key!r}: modifier :{modifier} is outside the CDS Hooks 2.0 query subset")
+        for item in value.split(","):
+            if _FORBIDDEN_PREFIX.match(item):
+                raise ValueError(f"prefetch {key!r}: prefix {item[:2]!r} is outside the CDS Hooks 2.0 query subset")
 
 
 def fill_template(template: str, context: Mapping[str, Any]) -> str | None:

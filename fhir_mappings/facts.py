@@ -160,9 +160,9 @@ def read_orders(draft_orders: dict, selections: tuple[str, ...] | None, knowledg
         if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
             continue
         resource = entry["resource"]
-        if resource.get("resourceType") != "ServiceRequest" or resource.get("status") in excluded:
+        if resource.get("resourceType") != "ServiceRequest" or fv.text(resource.get("status")) in excluded:
             continue
-        names = {fv.reference_of(resource) or "", resource.get("id") or "", entry.get("fullUrl") or ""} - {""}
+        names = {fv.reference_of(resource) or "", fv.text(resource.get("id")) or "", fv.text(entry.get("fullUrl")) or ""} - {""}
         candidates.append((resource, names))
     if selections:
         selected = [(r, n) for r, n in candidates if n & set(selections)]
@@ -244,7 +244,7 @@ class _ItemReader:
         return [item] if item else []
 
     def _observation(self, resource: dict) -> list[Item]:
-        status = resource.get("status")
+        status = fv.text(resource.get("status"))
         if status in self.status["observation"]["excluded"] or resource.get("dataAbsentReason") is not None:
             return []
         when = (
@@ -309,7 +309,7 @@ class _ItemReader:
         )
 
     def _medication(self, resource: dict) -> list[Item]:
-        status = resource.get("status")
+        status = fv.text(resource.get("status"))
         if status in self.status["medication"]["excluded"]:
             return []
         concept = resource.get("medicationCodeableConcept")
@@ -333,7 +333,7 @@ class _ItemReader:
         return medication.get("code") if medication else None
 
     def _procedure(self, resource: dict) -> list[Item]:
-        status = resource.get("status")
+        status = fv.text(resource.get("status"))
         if status in self.status["procedure"]["excluded"]:
             return []
         when = (
@@ -345,7 +345,7 @@ class _ItemReader:
         return [item] if item else []
 
     def _service_request(self, resource: dict) -> list[Item]:
-        status = resource.get("status")
+        status = fv.text(resource.get("status"))
         if status in self.status["service_request"]["excluded"]:
             return []
         when = (
@@ -640,7 +640,7 @@ def _medication_period(resource: dict, today: date) -> tuple[date | None, date |
             end = fv.add_days(start, supply * fills)
         elif duration is not None:
             end = fv.add_days(start, duration)
-        elif resource.get("status") in ("active", "on-hold", "intended"):
+        elif fv.text(resource.get("status")) in ("active", "on-hold", "intended"):
             end = today
         else:
             end = start

@@ -24,6 +24,11 @@ def parse_date(value: Any) -> date | None:
         return None
 
 
+def text(value: Any) -> str | None:
+    """A string element as sent, or None when the element is missing or not a string (wrong JSON type)."""
+    return value if isinstance(value, str) else None
+
+
 def period_start(period: Any) -> date | None:
     return parse_date(period.get("start")) if isinstance(period, dict) else None
 
@@ -104,5 +109,15 @@ def days_between(earlier: date, later: date) -> int:
     return (later - earlier).days
 
 
+MAX_DAYS = 200 * 365  # longer durations (typos, 1e12 "days") are read as "for the foreseeable future"
+
+
 def add_days(start: date, days: float) -> date:
-    return start + timedelta(days=max(int(round(days)), 0))
+    """start + days, never raising: negative or NaN durations add nothing, huge ones are capped."""
+    if days != days:  # NaN
+        return start
+    whole = MAX_DAYS if days > MAX_DAYS else max(int(round(days)), 0)
+    try:
+        return start + timedelta(days=whole)
+    except OverflowError:
+        return date.max

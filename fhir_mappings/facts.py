@@ -539,9 +539,12 @@ class _Evaluator:
         intervals = []
         used = []
         for item in items:
-            if item.source not in MEDICATION_TYPES or item.date is None:
+            if item.source not in MEDICATION_TYPES or item.date is None or item.date > self.today:
                 continue
-            start, end = max(item.date, lookback_start), min(item.end or item.date, self.today)
+            # Days of *supply* started in the look-back: a 90-day course prescribed 30 days ago is 90 days of
+            # supply (criteria.md R10 ">= 90 d supply in last 365 d"), not 30 days elapsed. A course with no
+            # recorded supply runs to today while active (see _medication_period).
+            start, end = max(item.date, lookback_start), item.end or item.date
             if end < start:
                 continue
             intervals.append((start, end))

@@ -45,6 +45,9 @@ class Assessment:
     findings: list[Finding] = field(default_factory=list)
     protocol: Protocol | None = None
     unread: dict[str, str] = field(default_factory=dict)  # resource type -> why, when it matters here
+    # Other facts found that did not decide the branch (red flags behind a cauda equina card, failed
+    # conservative care behind a red flag): reported in the card's machine-readable facts, not its advice.
+    also: list[Finding] = field(default_factory=list)
 
 
 def assess(facts: ClinicalFacts, knowledge: Knowledge) -> list[Assessment]:
@@ -53,9 +56,11 @@ def assess(facts: ClinicalFacts, knowledge: Knowledge) -> list[Assessment]:
 
 def assess_order(order: ImagingOrder, facts: ClinicalFacts, knowledge: Knowledge) -> Assessment:
     unread = {**{t: "not sent and not fetchable" for t in facts.missing}, **facts.unreadable}
+    failed_care = [facts.conservative_care] if facts.conservative_care_failed and facts.conservative_care is not None else []
     if facts.ces:
         return Assessment(order, CES, facts.ces[0].rule, "cauda equina feature present", list(facts.ces),
-                          ces_protocol(order, facts), _subset(unread, NEEDED_TO_RULE_OUT))
+                          ces_protocol(order, facts), _subset(unread, NEEDED_TO_RULE_OUT),
+                          also=list(facts.red_flags) + failed_care)
     if "Patient" in unread:
         return Assessment(order, INCOMPLETE, "INCOMPLETE", "patient record could not be read", unread=unread)
     adult_age = knowledge.criteria["policy"]["adult_age_years"]
@@ -67,7 +72,7 @@ def assess_order(order: ImagingOrder, facts: ClinicalFacts, knowledge: Knowledge
         return Assessment(order, None, "N-no-episode", "no current low back pain or sciatica episode recorded")
     if facts.red_flags:
         return Assessment(order, INDICATED, facts.red_flags[0].rule, "red flag present", list(facts.red_flags),
-                          indicated_protocol(order, facts.red_flags), unread)
+                          indicated_protocol(order, facts.red_flags), unread, also=failed_care)
     if facts.conservative_care_failed and facts.conservative_care is not None:
         care = facts.conservative_care
         return Assessment(order, INDICATED, care.rule, f"conservative care for {facts.conservative_care_days} days",

@@ -230,7 +230,7 @@ class CardRenderer:
         return "; ".join(self.knowledge.guideline(g)["citation"] for g in guideline_ids)
 
     def _extension(self, a: Assessment) -> dict:
-        findings = a.findings
+        findings = a.findings + a.also
         extension: dict[str, Any] = {
             "rule": a.rule,
             "order": a.order.reference,

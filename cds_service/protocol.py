@@ -7,6 +7,7 @@ Error bodies are FHIR OperationOutcomes, as CDS Hooks 3.0 recommends and 2.0 all
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ def error_body(error: ProtocolError) -> bytes:
 
 
 def decode_json_object(body: bytes, what: str = "request body") -> dict:
+    if body.startswith(b"\xef\xbb\xbf"):
+        body = body[3:]  # a UTF-8 byte order mark: RFC 8259 lets parsers ignore it; some clients send one
     if not body or not body.strip():
         raise ProtocolError(400, f"The {what} is empty; expected a JSON object.")
     try:
@@ -82,6 +85,9 @@ def parse_hook_request(body: bytes, service_hook: str) -> HookRequest:
     hook_instance = _required(request, "hookInstance", str)
     if not hook_instance.strip():
         raise ProtocolError(400, "'hookInstance' must not be empty.", "hookInstance")
+    if _CONTROL.search(hook_instance):
+        # it is logged on every line and stored in the audit: no line breaks, no NUL (PostgreSQL text)
+        raise ProtocolError(400, "'hookInstance' must not contain control characters.", "hookInstance")
     if hook != service_hook:
         raise ProtocolError(400, f"This service answers the '{service_hook}' hook, not '{hook}'.", "hook")
     context = _required(request, "context", dict)
@@ -155,7 +161,7 @@ def parse_feedback(body: bytes) -> list[dict]:
         if not isinstance(item, dict):
             raise ProtocolError(400, f"'{where}' must be an object.", where)
         card = _required(item, "card", str, where)
-        if not card.strip():
+        if not card.strip() or "\x00" in card:
             raise ProtocolError(400, f"'{where}.card' must be the card's uuid.", f"{where}.card")
         outcome = _required(item, "outcome", str, where)
         if outcome not in FEEDBACK_OUTCOMES:
@@ -168,17 +174,23 @@ def parse_feedback(body: bytes) -> list[dict]:
             if not isinstance(accepted, list) or not accepted:
                 raise ProtocolError(400, f"'{where}.acceptedSuggestions' is required when the outcome is 'accepted'.", f"{where}.acceptedSuggestions")
         if accepted is not None:
-            if not isinstance(accepted, list) or not all(isinstance(s, dict) and isinstance(s.get("id"), str) for s in accepted):
+            if not isinstance(accepted, list) or not all(isinstance(s, dict) and _is_text(s.get("id")) for s in accepted):
                 raise ProtocolError(400, f"'{where}.acceptedSuggestions' must be an array of {{\"id\": <suggestion uuid>}}.", f"{where}.acceptedSuggestions")
         reason = item.get("overrideReason")
         if reason is not None:
             if not isinstance(reason, dict):
                 raise ProtocolError(400, f"'{where}.overrideReason' must be an object.", f"{where}.overrideReason")
             coding = reason.get("reason")
-            if coding is not None and not (isinstance(coding, dict) and isinstance(coding.get("code"), str)):
-                raise ProtocolError(400, f"'{where}.overrideReason.reason' must be a Coding with a code.", f"{where}.overrideReason.reason")
+            if coding is not None and not (
+                isinstance(coding, dict)
+                and _is_text(coding.get("code"))
+                and all(coding.get(name) is None or _is_text(coding[name]) for name in ("system", "display"))
+            ):
+                # system may be absent (lenient), display is optional (the sandbox sends code + system only)
+                raise ProtocolError(400, f"'{where}.overrideReason.reason' must be a Coding with a code (and string system, display).",
+                                    f"{where}.overrideReason.reason")
             comment = reason.get("userComment")
-            if comment is not None and not isinstance(comment, str):
+            if comment is not None and (not isinstance(comment, str) or "\x00" in comment):
                 raise ProtocolError(400, f"'{where}.overrideReason.userComment' must be a string.", f"{where}.overrideReason.userComment")
             if coding is None and not comment:
                 raise ProtocolError(400, f"'{where}.overrideReason' needs a 'reason' or a 'userComment'.", f"{where}.overrideReason")
@@ -234,11 +246,26 @@ def _describe(value: Any) -> str:
     return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def _looks_like_datetime(text: str) -> bool:
-    from datetime import datetime
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 3339 date-time (what clients send: `new Date().toISOString()`); offset optional (read as UTC).
+_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:\d{2})?")
 
+
+def _is_text(value: Any) -> bool:
+    """A non-empty string that a database text column can hold (no NUL)."""
+    return isinstance(value, str) and bool(value.strip()) and "\x00" not in value
+
+
+def _looks_like_datetime(text: str) -> bool:
+    """An RFC 3339 date-time that can be expressed in UTC (year 9999 at -12:00 cannot)."""
+    from datetime import datetime, timezone
+
+    if not _DATE_TIME.fullmatch(text):
+        return False
     try:
-        datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if value.tzinfo is not None:
+            value.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
         return False
     return True

@@ -3,12 +3,12 @@
 Evaluation order (criteria.md section 3; first match wins):
   1. cauda equina feature, any age, whatever else is missing     -> cauda-equina-emergency (critical)
   2. patient demographics unreadable                             -> imaging-data-incomplete
-  3. age under the adult threshold                               -> no card
+  3. age under the adult threshold                               -> no card (data-incomplete if a CES source is unread)
   4. conditions unreadable and no red flag found elsewhere       -> imaging-data-incomplete
-  5. no current back pain episode (conditions read)              -> no card
+  5. no current back pain episode (conditions read)              -> no card (data-incomplete if a CES source is unread)
   6. any red flag                                                -> imaging-indicated
   7. >= 6 weeks of conservative care since the episode began     -> imaging-indicated
-  8. episode start unknown                                       -> no card (avoid false alerts)
+  8. episode start unknown                                       -> no card (avoid false alerts; as 3 and 5)
   9. any data needed to rule out red flags not read              -> imaging-data-incomplete
  10. otherwise                                                   -> imaging-not-indicated (warning)
 """
@@ -63,12 +63,19 @@ def assess_order(order: ImagingOrder, facts: ClinicalFacts, knowledge: Knowledge
                           also=list(facts.red_flags) + failed_care)
     if "Patient" in unread:
         return Assessment(order, INCOMPLETE, "INCOMPLETE", "patient record could not be read", unread=unread)
+    # "No card" is only said when cauda equina could be ruled out: with a CES source unread (a saddle
+    # numbness Observation, a retention Condition), the data-incomplete card (or 412) instead.
+    ces_unread = _subset(unread, ces_sources(knowledge))
     adult_age = knowledge.criteria["policy"]["adult_age_years"]
     if facts.age is not None and facts.age < adult_age:
+        if ces_unread:
+            return Assessment(order, INCOMPLETE, "INCOMPLETE", "cauda equina features could not be ruled out", unread=ces_unread)
         return Assessment(order, None, "N-child", f"age {facts.age} is under {adult_age}")
     if "Condition" in unread and not facts.red_flags:
         return Assessment(order, INCOMPLETE, "INCOMPLETE", "conditions could not be read", unread=unread)
     if facts.episode is None and "Condition" not in unread:
+        if ces_unread:
+            return Assessment(order, INCOMPLETE, "INCOMPLETE", "cauda equina features could not be ruled out", unread=ces_unread)
         return Assessment(order, None, "N-no-episode", "no current low back pain or sciatica episode recorded")
     if facts.red_flags:
         return Assessment(order, INDICATED, facts.red_flags[0].rule, "red flag present", list(facts.red_flags),
@@ -78,6 +85,8 @@ def assess_order(order: ImagingOrder, facts: ClinicalFacts, knowledge: Knowledge
         return Assessment(order, INDICATED, care.rule, f"conservative care for {facts.conservative_care_days} days",
                           [care], indicated_protocol(order, [care]), unread)
     if facts.episode is None or facts.episode.start is None:
+        if ces_unread:
+            return Assessment(order, INCOMPLETE, "INCOMPLETE", "cauda equina features could not be ruled out", unread=ces_unread)
         return Assessment(order, None, "N-unknown-duration", "episode start not recorded")
     if unread:
         return Assessment(order, INCOMPLETE, "INCOMPLETE", "data needed to rule out red flags could not be read", unread=unread)
@@ -100,6 +109,12 @@ def ces_protocol(order: ImagingOrder, facts: ClinicalFacts) -> Protocol:
     if order.modality == "MR":
         return Protocol("MR", contrast, True)  # any MRI protocol is acceptable for suspected CES (ACR V4)
     return Protocol("MR", contrast, False)
+
+
+def ces_sources(knowledge: Knowledge) -> tuple[str, ...]:
+    """The resource types the cauda equina features are read from (criteria.yaml ces_features)."""
+    types = {source for feature in knowledge.criteria["ces_features"] for source in feature["sources"]}
+    return tuple(sorted(types - {"OrderReason"}))
 
 
 def _subset(unread: dict[str, str], types: tuple[str, ...]) -> dict[str, str]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any, Iterable
 
-from fhir_mappings.facts import ClinicalFacts, extract_facts
+from fhir_mappings.facts import ClinicalFacts, extract_facts, read_orders
 from fhir_mappings.knowledge import Knowledge
 
 from .decide import Assessment, assess
@@ -33,6 +33,11 @@ class Engine:
     def __init__(self, knowledge: Knowledge):
         self.knowledge = knowledge
         self.renderer = CardRenderer(knowledge)
+
+    def has_orders_in_scope(self, draft_orders: dict, selections: tuple[str, ...] | None = None) -> bool:
+        """Cheap check before any data is read: is any (selected) draft order lumbar spine imaging?"""
+        orders, _ = read_orders(draft_orders, selections, self.knowledge)
+        return bool(orders)
 
     def evaluate(
         self,

@@ -29,6 +29,7 @@ from fhir_mappings.knowledge import Knowledge
 
 from . import __version__
 from .auth import AuthError, Authenticator, StoreReplayCache, expected_audience
+from .analytics import analytics_router
 from .discovery import Service, load_services
 from .fhir_client import FhirClient
 from .limits import BodySizeLimit
@@ -40,6 +41,7 @@ from .store import AuditWriter, CardRecord, DecisionRecord, StoreError, open_sto
 log = logging.getLogger("cds_service")
 
 JSON = "application/json"
+NO_CARDS = b'{"cards":[]}'
 
 
 class ServiceState:
@@ -74,6 +76,9 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
     async def lifespan(app: FastAPI):
         if not settings.auth_required:
             log.warning("CDS_CLIENTS_FILE is not set: the service accepts calls from any client without authentication (development mode)")
+        elif not settings.public_base_url:
+            log.warning("CDS_PUBLIC_BASE_URL is not set: the JWT audience is taken from the request's Host header; set it in production")
+        await run_in_threadpool(_purge, state)
         gc.collect()
         gc.freeze()  # start-up objects leave the collector's generations: no long GC pauses on the hot path
         yield
@@ -88,6 +93,8 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
         lifespan=lifespan,
     )
     app.state.cds = state
+    # The last middleware added is the outermost: CORS wraps the size limit, so a 413 is readable by browsers.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     origins = list(settings.cors_origins) or ([] if settings.auth_required else ["*"])
     app.add_middleware(
         CORSMiddleware,
@@ -96,7 +103,6 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
         allow_headers=["Authorization", "Content-Type"],
         max_age=600,
     )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -112,16 +118,20 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
         return Response(encode(operation_outcome("Internal error; the request was not processed.", code="exception")), 500, media_type=JSON)
 
     async def authenticate(request: Request):
+        """The calling EHR (None in open mode); raises AuthError (401) or StoreError (503, replay cache down)."""
         audience = expected_audience(settings, str(request.url))
         return await state.authenticator.authenticate(audience, request.headers.get("authorization"))
 
-    def unauthorized() -> Response:
-        return Response(
-            encode(operation_outcome("Authentication failed.", code="login")),
-            401,
-            headers={"WWW-Authenticate": 'Bearer realm="cds-services", error="invalid_token"'},
-            media_type=JSON,
-        )
+    def refused(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, StoreError):
+            log.error("authentication unavailable: replay cache store is down")
+            return Response(encode(operation_outcome("Authentication is temporarily unavailable; please retry.", code="transient")),
+                            503, headers={"Retry-After": "5"}, media_type=JSON)
+        challenge = 'Bearer realm="cds-services"'
+        if request.headers.get("authorization") is not None:
+            challenge += ', error="invalid_token"'
+        return Response(encode(operation_outcome("Authentication failed.", code="login")), 401,
+                        headers={"WWW-Authenticate": challenge}, media_type=JSON)
 
     def error(exc: ProtocolError) -> Response:
         return Response(error_body(exc), exc.status, media_type=JSON)
@@ -130,35 +140,37 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
     async def discovery(request: Request) -> Response:
         try:
             await authenticate(request)
-        except AuthError as exc:
-            log.info("discovery refused: %s", exc.reason)
-            return unauthorized()
+        except (AuthError, StoreError) as exc:
+            return refused(request, exc)
         return Response(state.discovery_body, media_type=JSON)
 
     @app.post("/cds-services/{service_id}")
     async def call_service(service_id: str, request: Request) -> Response:
         started = time.perf_counter()
+        try:
+            client = await authenticate(request)
+        except (AuthError, StoreError) as exc:
+            return refused(request, exc)
         service = state.services.get(service_id)
         if service is None:
             return error(ProtocolError(404, f"No CDS service with id '{service_id}'.", code="not-found"))
-        try:
-            client = await authenticate(request)
-        except AuthError as exc:
-            log.info("service call refused: %s", exc.reason)
-            return unauthorized()
         try:
             hook_request = parse_hook_request(await request.body(), service.hook)
         except ProtocolError as exc:
             log.info("service=%s rejected %d: %s", service_id, exc.status, exc.field or "body")
             return error(exc)
 
+        selections = hook_request.selections if hook_request.hook == "order-select" else None
+        if not state.engine.has_orders_in_scope(hook_request.draft_orders, selections):
+            log.info("hookInstance=%s service=%s status=200 cards=none (no lumbar imaging order)", hook_request.hook_instance[:64], service_id)
+            return Response(NO_CARDS, media_type=JSON)
         data = await resolve_prefetch(hook_request, service, state.fhir, client.fhir_servers if client else ())
         evaluation = state.engine.evaluate(
             data.resources,
             hook_request.draft_orders,
             state.today(),
             hook_request.hook_instance,
-            selections=hook_request.selections if hook_request.hook == "order-select" else None,
+            selections=selections,
             unreadable=data.unreadable,
             missing=data.missing,
         )
@@ -181,13 +193,12 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
 
     @app.post("/cds-services/{service_id}/feedback")
     async def feedback(service_id: str, request: Request) -> Response:
-        if service_id not in state.services:
-            return error(ProtocolError(404, f"No CDS service with id '{service_id}'.", code="not-found"))
         try:
             await authenticate(request)
-        except AuthError as exc:
-            log.info("feedback refused: %s", exc.reason)
-            return unauthorized()
+        except (AuthError, StoreError) as exc:
+            return refused(request, exc)
+        if service_id not in state.services:
+            return error(ProtocolError(404, f"No CDS service with id '{service_id}'.", code="not-found"))
         try:
             items = parse_feedback(await request.body())
         except ProtocolError as exc:
@@ -215,7 +226,21 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
             body["warnings"] = ["Authentication is disabled: any client can call this service."]
         return Response(encode(body), media_type=JSON)
 
+    app.include_router(analytics_router(lambda: state.store))
+    if settings.demo:
+        from .demo_page import demo_router
+        app.include_router(demo_router(lambda: state))
     return app
+
+
+def _purge(state: ServiceState) -> None:
+    """Retention: drop audit and feedback rows older than CDS_RETENTION_DAYS (at start-up)."""
+    try:
+        removed = state.store.purge(state.settings.retention_days)
+        if removed:
+            log.info("retention: removed %d rows older than %d days", removed, state.settings.retention_days)
+    except StoreError:
+        log.error("retention purge skipped: database unavailable")
 
 
 def _shown_cards(cards: list[dict], settings: Settings) -> list[dict]:

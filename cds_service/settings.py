@@ -98,6 +98,8 @@ class Settings:
         for name in ("max_body_bytes", "fhir_max_pages", "fhir_max_response_bytes", "jwt_max_lifetime_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{ENV_NAMES[name]} must be positive")
+        if self.jwt_clock_skew_s < 0:
+            raise SettingsError("CDS_JWT_CLOCK_SKEW must not be negative")
         if self.fhir_timeout_s <= 0 or self.fhir_deadline_s <= 0:
             raise SettingsError("CDS_FHIR_TIMEOUT and CDS_FHIR_DEADLINE must be positive")
         if self.public_base_url and not self.public_base_url.startswith(("http://", "https://")):

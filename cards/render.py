@@ -39,7 +39,7 @@ class CardRenderer:
         if assessment.card_type is None:
             return None
         template = self.templates[assessment.card_type]
-        card_uuid = str(uuid.uuid5(self.namespace, f"{hook_instance}|{assessment.order.reference}|{assessment.card_type}"))
+        card_uuid = str(uuid.uuid5(self.namespace, f"{hook_instance}|{_order_key(assessment, facts)}|{assessment.card_type}"))
         build = {
             CES: self._ces,
             INDICATED: self._indicated,
@@ -305,6 +305,14 @@ class CardRenderer:
         if a.order.resource.get("reasonCode"):
             resource["reasonCode"] = copy.deepcopy(a.order.resource["reasonCode"])
         return resource
+
+
+def _order_key(a: Assessment, facts: ClinicalFacts) -> str:
+    """The order's reference, or its position among the draft orders when it has no id (unique card uuids)."""
+    if a.order.reference:
+        return a.order.reference
+    position = next((i for i, order in enumerate(facts.orders) if order is a.order), 0)
+    return f"draft-order-{position}"
 
 
 def _load(path: Path) -> dict:

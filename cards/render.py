@@ -160,7 +160,7 @@ class CardRenderer:
                         actions.append({"type": "delete", "description": action["description"].format(**values), "resourceId": a.order.reference})
                     else:
                         actions.append({"type": "create", "description": action["description"].format(**values),
-                                        "resource": self._replacement_order(a, recommended)})
+                                        "resource": self._replacement_order(a, recommended, facts)})
                 suggestions.append(self._suggestion(spec, values, actions))
         return summary, detail, suggestions, guidelines
 
@@ -187,7 +187,7 @@ class CardRenderer:
                 updated["priority"] = "stat"
                 mri_actions = [{"type": "update", "description": descriptions["update_to_stat"], "resource": updated}]
             else:
-                mri = self._replacement_order(a, self._recommended_coding(a, a.protocol.contrast or "without"), priority="stat")
+                mri = self._replacement_order(a, self._recommended_coding(a, a.protocol.contrast or "without"), facts, priority="stat")
                 mri_actions = [
                     {"type": "delete", "description": descriptions["remove_order"].format(**values), "resourceId": a.order.reference},
                     {"type": "create", "description": descriptions["replace_with_mri"].format(**values), "resource": mri},
@@ -280,7 +280,7 @@ class CardRenderer:
                 return dict(option)
         return dict(options[0])
 
-    def _replacement_order(self, a: Assessment, coding: dict, priority: str | None = None) -> dict:
+    def _replacement_order(self, a: Assessment, coding: dict, facts: ClinicalFacts, priority: str | None = None) -> dict:
         original = a.order.resource
         order: dict[str, Any] = {
             "resourceType": "ServiceRequest",
@@ -291,6 +291,8 @@ class CardRenderer:
         for name in ("subject", "encounter", "requester", "reasonCode", "reasonReference", "category", "priority"):
             if original.get(name):
                 order[name] = copy.deepcopy(original[name])
+        if "subject" not in order and facts.patient_reference:  # ServiceRequest.subject is 1..1
+            order["subject"] = {"reference": facts.patient_reference}
         if priority:
             order["priority"] = priority
         return order

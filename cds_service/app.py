@@ -226,7 +226,8 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
             body["warnings"] = ["Authentication is disabled: any client can call this service."]
         return Response(encode(body), media_type=JSON)
 
-    app.include_router(analytics_router(lambda: state.store))
+    if settings.analytics:
+        app.include_router(analytics_router(lambda: state.store))
     if settings.demo:
         from .demo_page import demo_router
         app.include_router(demo_router(lambda: state))

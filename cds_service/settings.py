@@ -58,6 +58,7 @@ class Settings:
     # Operations
     log_level: str = "INFO"  # CDS_LOG_LEVEL
     demo: bool = True  # CDS_DEMO: serve the /demo page and its patients
+    analytics: bool = True  # CDS_ANALYTICS: serve the /analytics override report page
 
     @property
     def auth_required(self) -> bool:
@@ -127,6 +128,7 @@ ENV_NAMES: dict[str, str] = {
     "today": "CDS_TODAY",
     "log_level": "CDS_LOG_LEVEL",
     "demo": "CDS_DEMO",
+    "analytics": "CDS_ANALYTICS",
 }
 
 

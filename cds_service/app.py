@@ -35,7 +35,7 @@ from .fhir_client import FhirClient
 from .limits import BodySizeLimit
 from .prefetch import resolve_prefetch
 from .protocol import ProtocolError, encode, encode_cds_response, error_body, operation_outcome, parse_feedback, parse_hook_request
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .store import AuditWriter, CardRecord, DecisionRecord, StoreError, open_store
 
 log = logging.getLogger("cds_service")
@@ -52,6 +52,8 @@ class ServiceState:
         self.knowledge = Knowledge.load(settings.criteria_file)
         self.engine = Engine(self.knowledge)
         self.services: dict[str, Service] = load_services(self.knowledge.codes)
+        if unknown := sorted(set(settings.silent_services) - set(self.services)):  # a typo must not leave a service live
+            raise SettingsError(f"CDS_SILENT_SERVICES names unknown service ids: {', '.join(unknown)}")
         self.store = open_store(settings.database_url)
         self.audit = AuditWriter(self.store)
         self.authenticator = Authenticator(settings, replay_cache=StoreReplayCache(self.store))
@@ -180,7 +182,7 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
             shown: list[dict] = []
         else:
             status = 200
-            shown = _shown_cards(evaluation.cards, settings)
+            shown = _shown_cards(evaluation.cards, settings, service.id)
             body = encode_cds_response({"cards": shown})
         _audit(state, service, hook_request, evaluation, shown, status)
         log.info(
@@ -244,9 +246,14 @@ def _purge(state: ServiceState) -> None:
         log.error("retention purge skipped: database unavailable")
 
 
-def _shown_cards(cards: list[dict], settings: Settings) -> list[dict]:
+def _is_silent(settings: Settings, service_id: str) -> bool:
+    """CDS_MODE=silent silences every service; CDS_SILENT_SERVICES only the services it names."""
+    return settings.mode == "silent" or service_id in settings.silent_services
+
+
+def _shown_cards(cards: list[dict], settings: Settings, service_id: str) -> list[dict]:
     """Silent mode returns nothing but the cauda equina card (unless configured to hold that back too)."""
-    if settings.mode != "silent":
+    if not _is_silent(settings, service_id):
         return cards
     if settings.silent_suppresses_critical:
         return []
@@ -286,7 +293,7 @@ def _audit(state: ServiceState, service: Service, request, evaluation: Evaluatio
         hook=request.hook,
         evaluated_at=datetime.now(timezone.utc),
         patient_key=state.store.patient_key(request.patient_id, state.settings.audit_key),
-        mode=state.settings.mode,
+        mode="silent" if _is_silent(state.settings, service.id) else "live",
         knowledge_version=state.knowledge.version,
         status=status,
         cards=tuple(records),

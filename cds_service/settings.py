@@ -52,6 +52,7 @@ class Settings:
     # Clinical behaviour
     mode: str = "live"  # CDS_MODE: live | silent (silent: evaluate and audit, return no cards but critical)
     silent_suppresses_critical: bool = False  # CDS_SILENT_SUPPRESSES_CRITICAL: also hold back cauda equina cards
+    silent_services: tuple[str, ...] = ()  # CDS_SILENT_SERVICES: comma-separated service ids in silent mode while the others are live
     criteria_file: str | None = None  # CDS_CRITERIA_FILE: a reviewed replacement for fhir_mappings/criteria.yaml
     today: date | None = None  # CDS_TODAY: fixed evaluation date (YYYY-MM-DD) for demos and tests
 
@@ -124,6 +125,7 @@ ENV_NAMES: dict[str, str] = {
     "audit_key": "CDS_AUDIT_KEY",
     "mode": "CDS_MODE",
     "silent_suppresses_critical": "CDS_SILENT_SUPPRESSES_CRITICAL",
+    "silent_services": "CDS_SILENT_SERVICES",
     "criteria_file": "CDS_CRITERIA_FILE",
     "today": "CDS_TODAY",
     "log_level": "CDS_LOG_LEVEL",

@@ -1,8 +1,19 @@
-"""Request body size limit as pure ASGI middleware: 413 with an OperationOutcome above the limit."""
+"""Request body size limit as pure ASGI middleware: 413 with an OperationOutcome above the limit.
+
+It also ends quietly a request whose client went away before its body was read (a dropped
+connection, a malformed chunked body that uvicorn rejected): there is nobody to answer, so that is
+an INFO line, not an "unexpected" error with a traceback that anyone can make the service log.
+"""
 
 from __future__ import annotations
 
+import logging
+
+from starlette.requests import ClientDisconnect
+
 from .protocol import encode, operation_outcome
+
+log = logging.getLogger("cds_service")
 
 
 class BodyTooLarge(Exception):
@@ -29,11 +40,14 @@ class BodySizeLimit:
                     return
         received = 0
         response_started = False
+        disconnected = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, disconnected
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.disconnect":
+                disconnected = True
+            elif message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise BodyTooLarge()
@@ -50,6 +64,10 @@ class BodySizeLimit:
         except BodyTooLarge:
             if not response_started:
                 await self._reject(send)
+        except ClientDisconnect:
+            if not disconnected:
+                raise
+            log.info("%s %s: the client disconnected before sending the whole body", scope.get("method"), scope.get("path"))
 
     async def _reject(self, send):
         body = encode(operation_outcome(f"The request body is larger than {self.max_bytes} bytes.", code="too-costly"))

@@ -11,6 +11,10 @@ SQLite file under the given directory, CDS_TODAY is fixed, and ``env`` adds or o
 variables. It waits until GET /healthz answers 200, yields the base URL (a ``str``: extra
 attributes ``process``, ``port`` and ``log_text()``), and stops the process on exit (SIGTERM,
 then SIGKILL after a grace period). Output goes to a file, never to a pipe that could fill up.
+
+Also here, for the in-process tests: `app_settings` (Settings for create_app with a temp SQLite
+database and CDS_TODAY), the public vignettes, the CDS Hooks sandbox's recorded order-select calls,
+and `FakeFhir`, an EHR FHIR server behind httpx.MockTransport that records every request.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator, Mapping
+from typing import IO, Any, Callable, Iterator, Mapping
 
 import httpx
 
@@ -149,10 +153,14 @@ def load_vignettes() -> dict[str, dict]:
     return {v["id"]: v for v in json.loads(VIGNETTES_FILE.read_text(encoding="utf-8"))}
 
 
-def sandbox_first_order_select() -> dict:
+SANDBOX_FHIR = "http://localhost:8081"  # where the sandbox's own FHIR server ran in the recorded session
+
+
+def sandbox_first_order_select(fhir_server: str | None = SANDBOX_FHIR) -> dict:
     """The CDS Hooks sandbox's first PAMA order-select call, as recorded (checklist 5.4): an empty
-    coding, an empty reasonCode, a Bundle without type, prefetch of `patient` and `conditions` only."""
-    return {
+    coding, an empty reasonCode, a Bundle without type, prefetch of `patient` and `conditions` only,
+    and its FHIR server as `fhirServer` (pass None to leave it out)."""
+    request = {
         "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
         "hook": "order-select",
         "context": {
@@ -169,14 +177,49 @@ def sandbox_first_order_select() -> dict:
             "conditions": {"resourceType": "Bundle", "type": "searchset", "total": 0},
         },
     }
+    if fhir_server:
+        request["fhirServer"] = fhir_server
+    return request
 
 
-def sandbox_order_select(cpt: str = "72149", reason: str | None = "23056005") -> dict:
+def sandbox_order_select(cpt: str = "72149", reason: str | None = "23056005", fhir_server: str | None = SANDBOX_FHIR) -> dict:
     """A later sandbox order-select call: CPT code chosen, SNOMED reason (23056005 sciatica,
     192970008 cauda equina syndrome), still no Condition on the chart."""
-    request = sandbox_first_order_select()
+    request = sandbox_first_order_select(fhir_server)
     request["hookInstance"] = "5b8e4b5a-3c3f-4d0e-9f57-0c1c2d3e4f50"
     order = request["context"]["draftOrders"]["entry"][0]["resource"]
     order["code"] = {"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": cpt}]}
     order["reasonCode"] = [{"coding": [{"system": "http://snomed.info/sct", "code": reason}]}] if reason else []
     return request
+
+
+# --- the EHR's FHIR server, faked --------------------------------------------------------------------
+
+
+def searchset(*resources: dict, next_url: str | None = None) -> dict:
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": len(resources)}
+    if resources:
+        bundle["entry"] = [{"resource": r, "search": {"mode": "match"}} for r in resources]
+    if next_url:
+        bundle["link"] = [{"relation": "next", "url": next_url}]
+    return bundle
+
+
+class FakeFhir:
+    """A FHIR server behind httpx.MockTransport: answers by resource type, records every request."""
+
+    def __init__(self, answer: "Callable[[httpx.Request], httpx.Response] | None" = None):
+        self.requests: list[httpx.Request] = []
+        self.answer = answer or (lambda request: httpx.Response(200, json=searchset()))
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return self.answer(request)
+
+    @property
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handler)
+
+    def types(self) -> list[str]:
+        """The resource type of each request, in order (the path segment after the base)."""
+        return [next((seg for seg in request.url.path.split("/") if seg[:1].isupper()), "?") for request in self.requests]

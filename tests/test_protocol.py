@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 
 from cds_service import vignettes
 from cds_service.app import create_app
-from server_support import DEFAULT_TODAY, SELECT_ID, SIGN_ID, app_settings, load_vignettes, sandbox_first_order_select, sandbox_order_select
+from server_support import (DEFAULT_TODAY, SELECT_ID, SIGN_ID, FakeFhir, app_settings, load_vignettes, sandbox_first_order_select,
+                            sandbox_order_select)
 
 TODAY = date.fromisoformat(DEFAULT_TODAY)
 SELECT = f"/cds-services/{SELECT_ID}"
@@ -31,10 +32,22 @@ EXPECTED_TOPIC = {  # the clinical team's card names -> source.topic.code
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory) -> Iterator[TestClient]:
-    app = create_app(app_settings(tmp_path_factory.mktemp("protocol")))
+def fake_fhir() -> FakeFhir:
+    """The sandbox's FHIR server: patient lbp1 has nothing on record (every search is empty)."""
+    return FakeFhir()
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, fake_fhir) -> Iterator[TestClient]:
+    app = create_app(app_settings(tmp_path_factory.mktemp("protocol")), fhir_transport=fake_fhir.transport)
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
+
+
+@pytest.fixture()
+def fhir_requests(fake_fhir) -> list:
+    fake_fhir.requests.clear()
+    return fake_fhir.requests
 
 
 def vignette_request(vignette_id: str = "LBP-V01", hook: str = "order-select") -> dict:
@@ -274,14 +287,14 @@ def test_no_prefetch_at_all_without_fhir_server_is_412_naming_every_type(client)
 @pytest.mark.parametrize("request_builder", [
     lambda: {**vignette_request("LBP-V38"), "prefetch": {}},  # brain MRI: not lumbar imaging
     lambda: {k: v for k, v in vignette_request("LBP-V38").items() if k != "prefetch"},
-    lambda: {**sandbox_first_order_select(), "prefetch": {}},  # empty coding: nothing to assess yet
+    lambda: {**sandbox_first_order_select(fhir_server=None), "prefetch": {}},  # empty coding: nothing to assess yet
 ], ids=["brain-mri-empty-prefetch", "brain-mri-no-prefetch", "sandbox-empty-order"])
 def test_no_data_needed_when_the_order_is_not_lumbar_imaging(client, request_builder):
     assert assert_conformant_200(post(client, SELECT, request_builder())) == {"cards": []}
 
 
 def test_cauda_equina_card_is_never_held_back_by_missing_data(client):
-    request = sandbox_order_select(reason="192970008")
+    request = sandbox_order_select(reason="192970008", fhir_server=None)
     del request["prefetch"]
     assert topics(post(client, SELECT, request)) == [("cauda-equina-emergency", "critical")]
 
@@ -295,13 +308,23 @@ def test_missing_optional_data_degrades_instead_of_412(client):
 # --- leniency (GEN-03, HOOK-03..05) -----------------------------------------------------------------------
 
 
-def test_sandbox_first_order_select_is_200_with_no_cards(client):
+def test_sandbox_first_order_select_is_200_with_no_cards(client, fhir_requests):
     assert assert_conformant_200(post(client, SELECT, sandbox_first_order_select())) == {"cards": []}
+    assert fhir_requests == []  # no imaging order yet: nothing is fetched (TIME-02)
 
 
-def test_sandbox_sciatica_order_without_condition_is_200_without_card(client):
+def test_sandbox_sciatica_order_without_condition_is_200_without_card(client, fake_fhir, fhir_requests):
+    # The sandbox prefetches patient and conditions only; the rest is read from its FHIR server (empty).
     # No Condition on the chart: the duration of the episode is unknown -> no card (no false alert).
     assert assert_conformant_200(post(client, SELECT, sandbox_order_select("72149", "23056005"))) == {"cards": []}
+    assert sorted(fake_fhir.types()) == ["MedicationRequest", "MedicationStatement", "Observation", "Procedure", "ServiceRequest"]
+
+
+def test_sandbox_sciatica_order_without_fhir_server_is_412(client, fhir_requests):
+    # Without its FHIR server the cauda equina sources (observations...) cannot be read: 412, not a silent "no card".
+    body = assert_outcome(post(client, SELECT, sandbox_order_select("72149", "23056005", fhir_server=None)), 412)
+    assert "Observation" in body["issue"][0]["diagnostics"]
+    assert fhir_requests == []
 
 
 def test_sandbox_cauda_equina_reason_is_200_with_the_critical_card(client):
@@ -526,8 +549,6 @@ def test_cors_headers_on_actual_responses_including_errors(client):
         assert "access-control-allow-origin" in response.headers, response.status_code
 
 
-@pytest.mark.xfail(strict=True, reason="app.py: BodySizeLimit is added after CORSMiddleware, so it wraps it and its 413 "
-                                       "carries no Access-Control-Allow-Origin; add BodySizeLimit first")
 def test_413_carries_cors_headers_so_a_browser_can_read_it(small_client):
     response = small_client.post(SELECT, content=b"x" * 30000, headers={"Origin": "http://localhost:8080"})
     assert response.status_code == 413
@@ -664,3 +685,31 @@ def test_health_reports_status_and_the_development_mode_warning(client):
     assert any("Authentication is disabled" in w for w in body["warnings"])
     assert set(body["services"]) == {SELECT_ID, SIGN_ID}
     assert empties(body) == []
+
+
+# --- a client that hangs up mid-body ----------------------------------------------------------------------------
+
+
+def test_client_disconnect_mid_body_ends_quietly(tmp_path, caplog):
+    """No 'unexpected' error, no traceback: the ASGI app returns without answering nobody."""
+    import asyncio
+
+    app = create_app(app_settings(tmp_path))
+    messages = [{"type": "http.request", "body": b'{"hook": "order-sel', "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": SELECT, "raw_path": SELECT.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1234), "server": ("testserver", 80)}
+    with caplog.at_level("INFO"):
+        asyncio.run(app(scope, receive, send))
+    assert sent == []
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert "disconnected" in caplog.text

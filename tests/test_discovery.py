@@ -186,3 +186,16 @@ def test_check_template_rejects_templates_outside_2_0(template, why):
 def test_selections_token_is_not_even_a_token_of_order_sign():
     with pytest.raises(ValueError, match="selections"):
         check_template("order-sign", "k", "ServiceRequest?_id={{context.selections}}")
+
+
+def test_discovery_body_has_no_null_or_empty_value(discovery):
+    def empties(value, path="$"):
+        if value is None or value == "" or value == [] or value == {}:
+            return [path]
+        if isinstance(value, dict):
+            return [p for k, v in value.items() for p in empties(v, f"{path}.{k}")]
+        if isinstance(value, list):
+            return [p for i, v in enumerate(value) for p in empties(v, f"{path}[{i}]")]
+        return []
+
+    assert empties(discovery.json()) == []

@@ -348,3 +348,24 @@ def test_next_link_followed_over_http(client, fhir_requests, fake_fhir):
     request["prefetch"]["conditions"]["link"] = [{"relation": "next", "url": FHIR + "/Condition?patient=lbp-v01&_page=2"}]
     assert card_types(client.post(SELECT, json=request)) == ["cauda-equina-emergency"]
     assert len(fhir_requests) == 1
+
+
+# --- the access token and the patient stay out of logs and storage (PF-10, SEC-16) ----------------------------
+
+
+def test_access_token_and_patient_id_are_never_logged_or_stored(tmp_path, caplog):
+    fake = FakeFhir(lambda request: httpx.Response(500, json=OUTCOME))
+    settings = app_settings(tmp_path)
+    request = v01_request(fhirServer=FHIR, fhirAuthorization={"access_token": TOKEN, "token_type": "Bearer", "expires_in": 300,
+                                                              "scope": "patient/*.read", "subject": "cds"})
+    request["context"]["patientId"] = request["prefetch"]["patient"]["id"] = "patient-7c1e9a"
+    del request["prefetch"]["observations"]
+    with caplog.at_level("DEBUG"), TestClient(create_app(settings, fhir_transport=fake.transport)) as client:
+        response = client.post(SELECT, json=request)
+        bad = client.post(SELECT, json={**request, "fhirServer": None})  # 400: fhirAuthorization without fhirServer
+    assert response.status_code == 200 and bad.status_code == 400
+    assert fake.requests and all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in fake.requests)
+    assert TOKEN not in caplog.text and "patient-7c1e9a" not in caplog.text
+    assert TOKEN not in response.text + bad.text
+    stored = b"".join(path.read_bytes() for path in tmp_path.glob("service.db*"))
+    assert stored and TOKEN.encode() not in stored and b"patient-7c1e9a" not in stored

@@ -284,7 +284,7 @@ def test_C3_drug_induced_retention_card_names_the_drug_cause():
     ("R8-osteoporosis-drug", with_medication(LBP, ALENDRONATE, 1500, status="completed"), INDICATED, "RF-FRACTURE-OSTEOPOROSIS"),
     ("R8-osteoporosis-drug-not-taken", with_medication(LBP, ALENDRONATE, 100, status="not-taken", kind="MedicationStatement"), NOT_INDICATED, None),
     ("R9-fragility-90d", with_condition(LBP, OSTEOPOROTIC_VERTEBRAL_FRACTURE, 90), INDICATED, "RF-FRACTURE-FRAGILITY"),
-    ("R9-fragility-91d", with_condition(LBP, OSTEOPOROTIC_VERTEBRAL_FRACTURE, 91), NOT_INDICATED, None),
+    ("R9-fragility-91d", with_condition(LBP, COLLAPSED_VERTEBRA, 91), NOT_INDICATED, None),
     ("R9-collapsed-vertebra", with_condition(LBP, COLLAPSED_VERTEBRA, 10), INDICATED, "RF-FRACTURE-FRAGILITY"),
     ("R10-90-days-supply", with_medication(LBP, PREDNISONE, 120, status="completed", duration_days=90), INDICATED, "RF-FRACTURE-STEROIDS"),
     ("R10-89-days-supply", with_medication(LBP, PREDNISONE, 120, status="completed", duration_days=89), NOT_INDICATED, None),
@@ -713,3 +713,72 @@ def test_http_null_prefetch_keys_mean_no_data_not_missing_data(client):
     assert request["prefetch"]["observations"] is None and request["prefetch"]["procedures"] is None
     status, body = post(client, request)
     assert status == 200 and card_types(body["cards"]) == [NOT_INDICATED]
+
+
+# ---- every enumerated code of every group decides as its group says -------------------------------------------------
+GROUP_DECISIONS = {
+    **{g: CES for g in ("CES_DIAGNOSIS", "CES_SADDLE_ANAESTHESIA", "CES_URINARY_RETENTION", "CES_URINARY_INCONTINENCE",
+                        "CES_FAECAL_INCONTINENCE", "CES_BILATERAL_DEFICIT", "PVR")},
+    **{g: INDICATED for g in ("MALIGNANCY", "FEVER_OBSERVATION", "FEVER_CONDITION", "SPINAL_INFECTION", "IV_DRUG_USE", "HIV", "TRANSPLANT",
+                              "IMMUNODEFICIENCY", "IMMUNOSUPPRESSANT_MEDS", "SIGNIFICANT_TRAUMA", "LOW_VELOCITY_FALL", "OSTEOPOROSIS",
+                              "OSTEOPOROSIS_MEDS", "FRAGILITY_FRACTURE", "SYSTEMIC_CORTICOSTEROIDS", "NEURO_SEVERE_UNILATERAL",
+                              "PRIOR_LUMBAR_SURGERY", "SPONDYLOARTHROPATHY", "CONSERVATIVE_THERAPY")},
+    **{g: NOT_INDICATED for g in ("LBP_EPISODE", "NEURO_NOT_RED_FLAG_ALONE", "NON_MELANOMA_SKIN_CANCER_EXCLUDED", "CONTEXT_ONLY",
+                                  "INFLAMMATORY_MARKERS_SUPPORTING", "PAD_MIMIC_MODIFIER", "PREGNANCY_MODIFIER")},
+}
+
+
+def _group_rows():
+    from scenarios import knowledge
+    index = knowledge().codes
+    assert set(GROUP_DECISIONS) | {"LUMBAR_MRI", "LUMBAR_CT", "LUMBAR_XR", "OUT_OF_SCOPE_ORDER_EXAMPLES"} == set(index.group_names())
+    for group, decision in GROUP_DECISIONS.items():
+        for entry in index.group_codes(group):
+            coding = {k: entry[k] for k in ("system", "code", "display")}
+            if group == "CES_BILATERAL_DEFICIT" and entry["code"] in ("M21.371", "M21.372"):
+                decision_here = INDICATED  # one foot: unilateral deficit (R11); both feet: C6 (tested above)
+            else:
+                decision_here = decision
+            yield pytest.param(group, coding, decision_here, id=f"{group}-{entry['system'].rsplit('/', 1)[-1]}-{entry['code']}")
+
+
+def _record_with(group: str, coding: dict) -> dict:
+    """The plausible FHIR home of a code: measured observations, medications, procedures, else a Condition."""
+    if group == "CONSERVATIVE_THERAPY":
+        base = adult_with_acute_lbp(days=60)
+        if coding["system"] == "http://www.nlm.nih.gov/research/umls/rxnorm":
+            return with_medication(base, coding, 50, kind="MedicationStatement")
+        return with_procedure(base, coding, 50, status="in-progress")
+    base = adult_with_acute_lbp(days=10, age=75 if group == "LOW_VELOCITY_FALL" else 40)
+    if group == "FEVER_OBSERVATION":
+        return with_temperature(base, 38.5, concept=coding)
+    if group == "PVR":
+        return with_observation(base, coding, 1, 300, "mL")
+    if coding["system"] == "http://www.nlm.nih.gov/research/umls/rxnorm" or group == "OSTEOPOROSIS_MEDS":
+        return with_medication(base, coding, 200)
+    if group == "PRIOR_LUMBAR_SURGERY" and not coding["system"].startswith("http://hl7.org/fhir/sid/icd-10"):
+        return with_procedure(base, coding, 900)
+    if coding["system"] == "http://loinc.org":
+        return with_observation(base, coding, 2, PRESENT)
+    return with_condition(base, coding, 2)
+
+
+@pytest.mark.parametrize("group,coding,decision", list(_group_rows()))
+def test_every_enumerated_code_decides_as_its_group_says(group, coding, decision):
+    card = check(_record_with(group, coding), decision)
+    if decision in (CES, INDICATED):
+        assert fact_ids(card)
+
+
+def _order_rows():
+    from scenarios import knowledge
+    index = knowledge().codes
+    for group in ("LUMBAR_MRI", "LUMBAR_CT", "LUMBAR_XR", "OUT_OF_SCOPE_ORDER_EXAMPLES"):
+        for entry in index.group_codes(group):
+            yield pytest.param({k: entry[k] for k in ("system", "code", "display")}, group != "OUT_OF_SCOPE_ORDER_EXAMPLES",
+                               id=f"{group}-{entry['code']}")
+
+
+@pytest.mark.parametrize("order,in_scope", list(_order_rows()))
+def test_every_enumerated_order_code_is_in_or_out_of_scope(order, in_scope):
+    check(ordering(with_condition(LBP, URINARY_RETENTION, 1), order), CES if in_scope else None)

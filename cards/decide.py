@@ -34,6 +34,8 @@ class Protocol:
     modality: str  # MR | CT | XR
     contrast: str | None  # without | with-and-without | None (X-ray, CT as ordered)
     order_is_fine: bool  # the order as placed matches the recommendation
+    # Pregnancy (M1): the flags call for gadolinium but it is not recommended unless essential (criteria.md 1.1).
+    gadolinium_withheld: bool = False
 
 
 @dataclass
@@ -79,11 +81,11 @@ def assess_order(order: ImagingOrder, facts: ClinicalFacts, knowledge: Knowledge
         return Assessment(order, None, "N-no-episode", "no current low back pain or sciatica episode recorded")
     if facts.red_flags:
         return Assessment(order, INDICATED, facts.red_flags[0].rule, "red flag present", list(facts.red_flags),
-                          indicated_protocol(order, facts.red_flags), unread, also=failed_care)
+                          indicated_protocol(order, facts.red_flags, _pregnant(facts)), unread, also=failed_care)
     if facts.conservative_care_failed and facts.conservative_care is not None:
         care = facts.conservative_care
         return Assessment(order, INDICATED, care.rule, f"conservative care for {facts.conservative_care_days} days",
-                          [care], indicated_protocol(order, [care]), unread)
+                          [care], indicated_protocol(order, [care], _pregnant(facts)), unread)
     if facts.episode is None or facts.episode.start is None:
         if ces_unread:
             return Assessment(order, INCOMPLETE, "INCOMPLETE", "cauda equina features could not be ruled out", unread=ces_unread)
@@ -93,22 +95,32 @@ def assess_order(order: ImagingOrder, facts: ClinicalFacts, knowledge: Knowledge
     return Assessment(order, NOT_INDICATED, "W1", f"episode {facts.episode_days} days, no red flags, conservative care under 6 weeks")
 
 
-def indicated_protocol(order: ImagingOrder, findings: list[Finding]) -> Protocol:
-    contrast = "with-and-without" if any(f.protocol == "with-and-without" for f in findings) else "without"
+def indicated_protocol(order: ImagingOrder, findings: list[Finding], pregnant: bool = False) -> Protocol:
+    """Contrast (criteria.md 1.1): without by default; without and with for suspected infection, malignancy or
+    prior lumbar surgery; in pregnancy no gadolinium unless essential, so without."""
+    wanted = "with-and-without" if any(f.protocol == "with-and-without" for f in findings) else "without"
+    contrast = "without" if pregnant else wanted
+    withheld = contrast != wanted
     fine_everywhere = all(order.modality in f.fine_orders for f in findings)
     if order.modality == "MR":
-        return Protocol("MR", contrast, order.contrast == contrast)
+        return Protocol("MR", contrast, order.contrast == contrast, withheld)
     if fine_everywhere:
         return Protocol(order.modality, None, True)
-    return Protocol("MR", contrast, False)
+    return Protocol("MR", contrast, False, withheld)
 
 
 def ces_protocol(order: ImagingOrder, facts: ClinicalFacts) -> Protocol:
-    """Emergency MRI; without contrast unless infection or tumour is suspected (never delay for contrast)."""
-    contrast = "with-and-without" if any(f.protocol == "with-and-without" for f in facts.red_flags) else "without"
+    """Emergency MRI; without contrast unless infection or tumour is suspected (never delay for contrast);
+    without in pregnancy."""
+    wanted = "with-and-without" if any(f.protocol == "with-and-without" for f in facts.red_flags) else "without"
+    contrast = "without" if _pregnant(facts) else wanted
     if order.modality == "MR":
-        return Protocol("MR", contrast, True)  # any MRI protocol is acceptable for suspected CES (ACR V4)
-    return Protocol("MR", contrast, False)
+        return Protocol("MR", contrast, True, contrast != wanted)  # any MRI protocol is acceptable for suspected CES (ACR V4)
+    return Protocol("MR", contrast, False, contrast != wanted)
+
+
+def _pregnant(facts: ClinicalFacts) -> bool:
+    return facts.has_modifier("MOD-PREGNANCY")
 
 
 def ces_sources(knowledge: Knowledge) -> tuple[str, ...]:

@@ -132,6 +132,8 @@ class CardRenderer:
             why = t["why"]["conservative-care"].format(care_days=facts.conservative_care_days)
         if protocol.modality == "MR":
             protocol_sentence = f"{modality_text} {contrast_text}. " + t["protocol_reason"][protocol.contrast]
+            if protocol.gadolinium_withheld:
+                protocol_sentence += " " + t["protocol_reason"]["pregnancy"]
         else:
             protocol_sentence = t["protocol_reason"]["as_ordered"].format(**values)
         order_sentence = (t["order_matches"] if protocol.order_is_fine else t["order_differs"]).format(**values)
@@ -240,6 +242,8 @@ class CardRenderer:
         }
         if a.protocol:
             extension["recommendedProtocol"] = {"modality": a.protocol.modality, "contrast": a.protocol.contrast, "orderMatches": a.protocol.order_is_fine}
+            if a.protocol.gadolinium_withheld:
+                extension["recommendedProtocol"]["gadoliniumWithheld"] = True
         if a.unread:
             extension["unread"] = sorted(a.unread)
         return extension

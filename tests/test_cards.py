@@ -51,6 +51,7 @@ CORPUS: dict[str, tuple[dict, list[str], dict]] = {
     "info-ct-cancer": (ordering(with_condition(LBP, PROSTATE_CANCER, 100), CT_WITHOUT), [INDICATED], {}),
     "info-radlex-infection": (ordering(with_temperature(LBP, 38.9), MRI_RADLEX_WITHOUT), [INDICATED], {}),
     "info-snomed-surgery": (ordering(with_procedure(LBP, LAMINECTOMY, 900), MRI_SNOMED_WITHOUT), [INDICATED], {}),
+    "info-pregnant-cancer-xray": (ordering(with_condition(with_condition(LBP, PREGNANCY, 60), PROSTATE_CANCER, 900), XRAY), [INDICATED], {}),
     "info-urgent-foot-drop": (with_condition(LBP, FOOT_DROP_RIGHT, 5), [INDICATED], {}),
     "info-failed-care-with-contrast-order": (ordering(with_conservative_care(adult_with_acute_lbp(days=70), 50), MRI_WITH), [INDICATED], {}),
     "info-every-flag": (_every_flag(), [INDICATED], {}),

@@ -491,6 +491,22 @@ def test_M1_a_positive_pregnancy_test_and_lbp_in_pregnancy_count_as_pregnancy():
     assert "gadolinium" in check(adult_with_acute_lbp(episode=LBP_IN_PREGNANCY), NOT_INDICATED)["detail"]
 
 
+def test_M1_pregnancy_withholds_gadolinium_where_the_flags_would_call_for_it():
+    pregnant_cancer = with_condition(with_condition(LBP, PREGNANCY, 100), PROSTATE_CANCER, 900)
+    card = check(pregnant_cancer, INDICATED, "RF-CANCER")
+    assert assessment(card)["recommendedProtocol"] == {"modality": "MR", "contrast": "without", "orderMatches": True, "gadoliniumWithheld": True}
+    assert "suggestions" not in card and "only if essential" in card["detail"]
+    xray = check(ordering(pregnant_cancer, XRAY), INDICATED)
+    assert assessment(xray)["recommendedProtocol"]["contrast"] == "without"
+    assert xray["suggestions"][0]["actions"][1]["resource"]["code"]["coding"][0]["code"] == "72148"
+    ordered_with = check(ordering(pregnant_cancer, MRI_WITH_AND_WITHOUT), INDICATED)
+    assert assessment(ordered_with)["recommendedProtocol"]["orderMatches"] is False  # suggests dropping gadolinium
+    not_needed = check(with_condition(with_condition(LBP, PREGNANCY, 100), OSTEOPOROSIS, 900), INDICATED)
+    assert assessment(not_needed)["recommendedProtocol"] == {"modality": "MR", "contrast": "without", "orderMatches": True}
+    ces = check(with_condition(with_condition(pregnant_cancer, URINARY_RETENTION, 1), PREGNANCY, 100), CES)
+    assert assessment(ces)["recommendedProtocol"]["contrast"] == "without"
+
+
 def test_M2_peripheral_arterial_disease_adds_the_vascular_note():
     assert "ankle-brachial" in check(with_condition(LBP, PAD_CLAUDICATION, 400), NOT_INDICATED)["detail"]
     assert "ankle-brachial" not in check(LBP, NOT_INDICATED)["detail"]

@@ -19,6 +19,8 @@ HOOK_DEFINITIONS: dict[str, dict[str, dict[str, Any]]] = yaml.safe_load(
     (Path(__file__).with_name("hooks.yaml")).read_text(encoding="utf-8")
 )["hooks"]
 
+MAX_DRAFT_ORDERS = 500  # orders in one hook call; an order set is tens, not thousands
+
 _JSON_TYPES = {"string": str, "array": list, "object": dict, "boolean": bool}
 _JSON_TYPE_NAMES = {str: "a string", list: "an array", dict: "an object", bool: "a boolean"}
 
@@ -112,6 +114,11 @@ def parse_hook_request(body: bytes, service_hook: str) -> HookRequest:
         raise ProtocolError(400, "'context.draftOrders' must be a FHIR Bundle.", "context.draftOrders")
     if not isinstance(draft_orders.get("entry", []), list):
         raise ProtocolError(400, "'context.draftOrders.entry' must be an array.", "context.draftOrders.entry")
+    # One ordering session, not a bulk feed: every in-scope order costs an assessment and a card.
+    if len(draft_orders.get("entry") or ()) > MAX_DRAFT_ORDERS:
+        raise ProtocolError(400, f"'context.draftOrders.entry' holds more than {MAX_DRAFT_ORDERS} orders.", "context.draftOrders.entry")
+    if selections is not None and len(selections) > MAX_DRAFT_ORDERS:
+        raise ProtocolError(400, f"'context.selections' holds more than {MAX_DRAFT_ORDERS} references.", "context.selections")
 
     prefetch = request.get("prefetch")
     if prefetch is None:

@@ -153,12 +153,19 @@ def _issue_code(outcome: dict) -> str:
 
 
 def _relative_to(base: str | None, url: str) -> str | None:
+    """The next-page URL relative to fhirServer ("Condition?...", or "?..." for the base itself plus a
+    query, as HAPI's `[base]?_getpages=...` links are); None when it is elsewhere or names no page."""
     if not base:
         return None
     base_parts, url_parts = urlsplit(base.rstrip("/") + "/"), urlsplit(url)
     if (base_parts.scheme, base_parts.netloc) != (url_parts.scheme, url_parts.netloc):
         return None
-    if not url_parts.path.startswith(base_parts.path):
+    if url_parts.path == base_parts.path.rstrip("/"):
+        relative = ""
+    elif url_parts.path.startswith(base_parts.path):
+        relative = url_parts.path[len(base_parts.path):]
+    else:
         return None
-    relative = url_parts.path[len(base_parts.path):]
+    if not relative and not url_parts.query:
+        return None  # the bare base is no page of a search
     return relative + (f"?{url_parts.query}" if url_parts.query else "")

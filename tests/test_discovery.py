@@ -199,3 +199,47 @@ def test_discovery_body_has_no_null_or_empty_value(discovery):
         return []
 
     assert empties(discovery.json()) == []
+
+
+SERVICE_YAML = """
+services:
+  - id: {id}
+    hook: {hook}
+    title: t
+    description: d
+    prefetch:
+      patient: "Patient/{{{{context.patientId}}}}"
+      other: "{template}"
+  - id: second
+    hook: order-sign
+    title: t
+    description: d
+"""
+
+
+@pytest.mark.parametrize("service_id, hook, template, problem", [
+    ("ok", "order-select", "Condition?patient={{context.patientId}}&_include=Condition:subject", "_include"),
+    ("ok", "order-select", "ServiceRequest/{{context.draftOrders}}", "draftOrders"),
+    ("ok", "patient-view", "Condition?patient={{context.patientId}}", "unknown hook"),
+    ("second", "order-select", "Condition?patient={{context.patientId}}", "duplicated"),
+    ("not url safe", "order-select", "Condition?patient={{context.patientId}}", "URL-safe"),
+])
+def test_bad_service_definitions_fail_at_start_up(tmp_path, service_id, hook, template, problem):
+    from cds_service.discovery import load_services
+    from fhir_mappings.knowledge import Knowledge
+
+    path = tmp_path / "services.yaml"
+    path.write_text(SERVICE_YAML.format(id=service_id, hook=hook, template=template), encoding="utf-8")
+    with pytest.raises(ValueError, match=problem.split()[0]):
+        load_services(Knowledge.load().codes, path)
+
+
+def test_good_service_definitions_load(tmp_path):
+    from cds_service.discovery import load_services
+    from fhir_mappings.knowledge import Knowledge
+
+    path = tmp_path / "services.yaml"
+    path.write_text(SERVICE_YAML.format(id="first", hook="order-select", template="Condition?patient={{context.patientId}}"), encoding="utf-8")
+    services = load_services(Knowledge.load().codes, path)
+    assert list(services) == ["first", "second"]
+    assert services["first"].prefetch["other"] == "Condition?patient={{context.patientId}}"

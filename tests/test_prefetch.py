@@ -207,6 +207,14 @@ def test_duplicates_across_keys_are_counted_once():
 # --- paging (PF-06) --------------------------------------------------------------------------------------------
 
 
+def test_next_link_to_the_bare_fhir_server_base_is_no_page():
+    request = v01_request(fhirServer=FHIR)
+    request["prefetch"]["conditions"] = searchset(condition("c1"), next_url=FHIR)
+    fake = FakeFhir()
+    data = resolve(request, fake)
+    assert fake.requests == [] and "Condition" in data.unreadable
+
+
 def test_next_link_without_fhir_server_is_unreadable():
     request = v01_request()
     request["prefetch"]["conditions"] = searchset(condition("c1"), next_url=FHIR + "/Condition?patient=lbp-v01&_page=2")
@@ -232,8 +240,8 @@ def test_next_link_with_an_unreachable_fhir_server_is_unreadable():
     assert data.unreadable.get("Condition", "").startswith("request failed") and "Condition/c1" in ids(data)
 
 
-@pytest.mark.parametrize("next_url", [FHIR + "/Condition?patient=lbp-v01&_page=2", FHIR + "/Condition/_search?page=2"],
-                         ids=["path", "search-path"])
+@pytest.mark.parametrize("next_url", [FHIR + "/Condition?patient=lbp-v01&_page=2", FHIR + "/Condition/_search?page=2",
+                                      FHIR + "?_getpages=abc&_getpagesoffset=1"], ids=["path", "search-path", "hapi-base-query"])
 def test_next_link_on_the_fhir_server_is_followed_with_the_token(next_url):
     request = v01_request(fhirServer=FHIR, fhirAuthorization={"access_token": TOKEN, "token_type": "Bearer", "expires_in": 300,
                                                               "scope": "patient/*.read", "subject": "cds"})

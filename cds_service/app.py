@@ -15,6 +15,7 @@ import gc
 import logging
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 from datetime import date, datetime, timezone
 from typing import Any
 
@@ -32,7 +33,7 @@ from .auth import AuthError, Authenticator, StoreReplayCache, expected_audience
 from .analytics import analytics_router
 from .discovery import Service, load_services
 from .fhir_client import FhirClient
-from .limits import BodySizeLimit
+from .limits import BodySizeLimit, ErrorContainment
 from .prefetch import resolve_prefetch
 from .protocol import ProtocolError, encode, encode_cds_response, error_body, operation_outcome, parse_feedback, parse_hook_request
 from .settings import Settings, SettingsError
@@ -42,6 +43,7 @@ log = logging.getLogger("cds_service")
 
 JSON = "application/json"
 NO_CARDS = b'{"cards":[]}'
+LARGE_RECORD = 2000  # resources; above this the engine runs in a worker thread
 
 
 class ServiceState:
@@ -87,6 +89,7 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
         await state.close()
 
     app = FastAPI(
+        redirect_slashes=False,
         title="Lumbar spine imaging CDS service",
         version=__version__,
         docs_url=None,
@@ -95,7 +98,9 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
         lifespan=lifespan,
     )
     app.state.cds = state
-    # The last middleware added is the outermost: CORS wraps the size limit, so a 413 is readable by browsers.
+    # The last middleware added is the outermost: CORS wraps the size limit and the error containment,
+    # so a 413 or a 500 is readable by browsers.
+    app.add_middleware(ErrorContainment)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     origins = list(settings.cors_origins) or ([] if settings.auth_required else ["*"])
     app.add_middleware(
@@ -167,7 +172,8 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
             log.info("hookInstance=%s service=%s status=200 cards=none (no lumbar imaging order)", hook_request.hook_instance[:64], service_id)
             return Response(NO_CARDS, media_type=JSON)
         data = await resolve_prefetch(hook_request, service, state.fhir, client.fhir_servers if client else ())
-        evaluation = state.engine.evaluate(
+        evaluate = partial(
+            state.engine.evaluate,
             data.resources,
             hook_request.draft_orders,
             state.today(),
@@ -176,6 +182,9 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
             unreadable=data.unreadable,
             missing=data.missing,
         )
+        # A usual record is evaluated on the event loop (about a millisecond); a very large one in a
+        # worker thread, so it cannot hold up other calls and health checks.
+        evaluation = evaluate() if len(data.resources) <= LARGE_RECORD else await run_in_threadpool(evaluate)
         has_ces = any(card["indicator"] == "critical" for card in evaluation.cards)
         if not has_ces and (evaluation.needs_missing_data or (data.nothing_read and evaluation.facts.orders)):
             status, body = 412, _precondition_failed(data.missing, data.unreadable)
@@ -233,6 +242,18 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
     if settings.demo:
         from .demo_page import demo_router
         app.include_router(demo_router(lambda: state))
+
+    # The hand-maintained OpenAPI 3.1 description (cds_service/openapi.yaml), read once, served as JSON.
+    from pathlib import Path
+
+    import yaml
+
+    openapi_body = encode(yaml.safe_load(Path(__file__).with_name("openapi.yaml").read_text(encoding="utf-8")))
+
+    @app.get("/openapi.json")
+    async def openapi_document() -> Response:
+        return Response(openapi_body, media_type=JSON)
+
     return app
 
 

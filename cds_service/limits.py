@@ -74,3 +74,36 @@ class BodySizeLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+class ErrorContainment:
+    """A fault in a route becomes a generic JSON 500 here, inside the CORS middleware, so a browser
+    client can read it; the log names the exception class only (no request content, no PHI)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+
+        async def tracking_send(message):
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except (BodyTooLarge, ClientDisconnect):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the edge of the service: answer, never crash
+            log.error("unexpected %s on %s %s", type(exc).__name__, scope.get("method"), scope.get("path"))
+            if response_started:
+                return
+            body = encode(operation_outcome("Internal error; the request was not processed.", code="exception"))
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})

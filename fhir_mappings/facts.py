@@ -410,7 +410,11 @@ class _Evaluator:
             found[definition["id"]] = finding
         elif definition["label"] not in finding.label:
             finding.label = f"{finding.label}; {definition['label']}"
-        finding.evidence.extend(e for e in evidence if e not in finding.evidence)
+        known = set(finding.evidence)
+        for item in evidence:
+            if item not in known:
+                known.add(item)
+                finding.evidence.append(item)
         finding.notes = tuple(sorted(set(finding.notes) | set(notes)))
 
     def _evidence(self, definition: dict) -> tuple[list[Evidence], list[str]]:

@@ -745,9 +745,6 @@ def test_internal_error_is_a_generic_json_500_without_details(tmp_path, monkeypa
     assert "secret" not in response.text and "Traceback" not in response.text and "engine.py" not in response.text
 
 
-@pytest.mark.xfail(strict=True, reason="app.py: Starlette's redirect_slashes answers a trailing slash with an empty 307 whose "
-                                       "Location is built from the Host header (http:// behind a TLS proxy); create the app "
-                                       "with FastAPI(redirect_slashes=False) so it is a JSON 404 (or route both forms)")
 @pytest.mark.parametrize("method, path", [("GET", "/cds-services/"), ("POST", SELECT + "/"), ("POST", SELECT + "/feedback/")])
 def test_trailing_slash_gets_json_not_an_empty_redirect(method, path, tmp_path):
     with TestClient(create_app(app_settings(tmp_path)), raise_server_exceptions=False, follow_redirects=False) as no_follow:
@@ -759,19 +756,18 @@ def test_trailing_slash_gets_json_not_an_empty_redirect(method, path, tmp_path):
 # --- a large but legal prefetch ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="fhir_mappings/facts.py _evaluate_into: `e not in finding.evidence` is quadratic in the "
-                                       "matching resources (17k fever readings under the 5 MB limit = 74 s); and app.py runs "
-                                       "engine.evaluate on the event loop, so every other call waits")
-def test_thousands_of_matching_observations_are_evaluated_quickly(client):
+def test_thousands_of_matching_observations_are_evaluated_in_linear_time(client):
+    """A guard against quadratic work (12,000 readings took minutes), not a speed test: the bound is
+    far above the linear cost on a loaded machine; speed itself is measured by bench/run.py."""
     import time
 
     request = vignette_request("LBP-V17")  # fever reading: a red flag, every reading is evidence
     reading = request["prefetch"]["observations"]["entry"][0]["resource"]
-    request["prefetch"]["observations"]["entry"] = [{"resource": {**reading, "id": f"t{i}"}} for i in range(4000)]
+    request["prefetch"]["observations"]["entry"] = [{"resource": {**reading, "id": f"t{i}"}} for i in range(12000)]
     body = json.dumps(request)
     assert len(body) < 5_000_000
     started = time.perf_counter()
     response = post(client, SELECT, body)
     elapsed = time.perf_counter() - started
     assert topics(response) == [("imaging-indicated", "info")]
-    assert elapsed < 1.5, f"{elapsed:.1f} s"
+    assert elapsed < 10, f"{elapsed:.1f} s"

@@ -242,8 +242,6 @@ class CardRenderer:
         }
         if a.protocol:
             extension["recommendedProtocol"] = {"modality": a.protocol.modality, "contrast": a.protocol.contrast, "orderMatches": a.protocol.order_is_fine}
-            if a.protocol.gadolinium_withheld:
-                extension["recommendedProtocol"]["gadoliniumWithheld"] = True
         if a.unread:
             extension["unread"] = sorted(a.unread)
         return extension

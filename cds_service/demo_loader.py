@@ -84,6 +84,9 @@ def _post(client: httpx.Client, url: str, name: str, bundle: dict) -> None:
         raise DemoLoadError(f"{name}: {len(failed)} entries failed ({', '.join(failed[:5])})")
 
 
+MAX_ENTRIES_PER_TRANSACTION = 40
+
+
 def load_bundles(fhir_url: str, bundles: Iterable[tuple[str, dict]], progress: bool = True) -> int:
     """POST every (name, bundle) to `fhir_url`; return the number of resources loaded.
 
@@ -107,9 +110,11 @@ def load_bundles(fhir_url: str, bundles: Iterable[tuple[str, dict]], progress: b
         for name, bundle in items:
             bar.update(task, description=name)
             transaction = as_transaction(name, bundle)
-            count = sum(1 for entry in transaction.get("entry") or [] if isinstance(entry, dict) and entry.get("resource"))
-            if transaction.get("entry"):
-                _post(client, url, name, transaction)
-            loaded += count
+            entries = transaction.get("entry") or []
+            # Servers cap the operations of one transaction (Medplum: 50); entries are PUT by id with
+            # plain references, so splitting keeps the result the same.
+            for start in range(0, len(entries), MAX_ENTRIES_PER_TRANSACTION):
+                _post(client, url, name, {**transaction, "entry": entries[start:start + MAX_ENTRIES_PER_TRANSACTION]})
+            loaded += sum(1 for entry in entries if isinstance(entry, dict) and entry.get("resource"))
             bar.advance(task)
     return loaded

@@ -6,8 +6,8 @@ Per key (CDS Hooks 2.0 §Prefetch, checklist PF-04..07):
   error      an OperationOutcome (bare, or an error entry of the Bundle), or a value that is not FHIR: unreadable
   absent     queried against fhirServer when the request has one; otherwise missing
 
-Resources sent under key names this service did not ask for are used too (lenient input), and a
-resource type they bring counts as read.
+Resources sent under key names this service did not ask for are used too (lenient input); when there
+is no fhirServer to query, a resource type they bring counts as read (instead of a 412).
 """
 
 from __future__ import annotations
@@ -71,7 +71,10 @@ async def resolve_prefetch(
             continue
         if expected_type:
             types_read.add(expected_type)
-        types_read.update(resource["resourceType"] for resource in resources)
+        elif not (request.fhir_server and fhir is not None):
+            # Sent under a key this service did not ask for: with no fhirServer to query, the types it
+            # brings count as read; with one, the service's own (code-filtered) queries still run.
+            types_read.update(resource["resourceType"] for resource in resources)
 
     for key, template in service.prefetch.items():
         resource_type = key_types[key]

@@ -161,8 +161,6 @@ def test_load_demo_refused_by_the_server_names_the_status():
     assert "the FHIR server refused the bundle: HTTP 401" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="cds_service/__main__.py _load_demo does not catch DemoLoadError: the message "
-                   "comes at the end of a Python traceback (exit 1) instead of alone")
 def test_load_demo_errors_are_one_message_not_a_traceback():
     result = load_demo("--fhir", closed_port_url(), "--today", TODAY.isoformat())
     assert result.returncode != 0

@@ -28,7 +28,7 @@ import yaml
 from fhir_mappings.codes import (
     CODE_ATTRIBUTE_EXTENSIONS,
     EXT_GROUP_PREFIX,
-    EXT_MEDICATION_NAMES,
+    EXT_NAME_MATCH,
     EXT_NOTE,
     EXT_SYSTEM_ALIAS,
     normalise_code,
@@ -63,9 +63,15 @@ def build(source: dict[str, Any], rules: dict[str, Any]) -> dict[str, dict[str, 
         for added in group_rules.get("add_codes", []):
             group["codes"].append({**added, "system": _system(systems, added["system"], name)})
         medication = group_rules.get("medication_names")
+        finding = group_rules.get("finding_names")
+        if medication is not None and finding is not None:
+            raise ValueError(f"{name}: medication_names and finding_names are exclusive")
         if medication is not None:
-            medication = {"ingredients": medication["ingredients"],
+            medication = {"names": medication["ingredients"],
                           "exclude_words": [*medication.get("exclude_words", []), *exclude_all]}
+        elif finding is not None:
+            medication = {"names": finding["names"],
+                          "exclude_words": [*finding.get("exclude_words", []), *rules.get("finding_exclude_words_all", [])]}
         patterns = {_system(systems, key, name): value for key, value in (group_rules.get("patterns") or {}).items()}
         valueset = _valueset(name, group, group_rules, patterns, medication, aliases, rules["release"],
                              source["meta"]["licensing"])
@@ -129,8 +135,8 @@ def _valueset(name, group, group_rules, patterns, medication, aliases, release, 
     title = group_rules.get("title") or _fail(f"{name}: no title in the rules file")
     extensions = [_group_extension(key, value) for key, value in group.items() if key != "codes"]
     if medication is not None:
-        extensions.append({"url": EXT_MEDICATION_NAMES, "extension": [
-            *({"url": "ingredient", "valueString": word} for word in medication["ingredients"]),
+        extensions.append({"url": EXT_NAME_MATCH, "extension": [
+            *({"url": "name", "valueString": word} for word in medication["names"]),
             *({"url": "exclude-word", "valueString": word} for word in medication["exclude_words"]),
         ]})
     description = f"{title}. Role in the decision: {group['role']}."
@@ -141,7 +147,7 @@ def _valueset(name, group, group_rules, patterns, medication, aliases, release, 
     if patterns:
         description += " Beyond the enumerated codes, membership follows the ICD-10 hierarchy rules in compose (regex filters on the normalised code; excludes win)."
     if medication is not None:
-        description += " Medications with unknown codes are matched by ingredient name (medication-name-match extension)."
+        description += " Concepts with unknown codes are matched by name (name-match extension)."
     valueset = {
         "resourceType": "ValueSet",
         "id": vs_id,

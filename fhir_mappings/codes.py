@@ -16,11 +16,13 @@ How an incoming code is read
   ICD-10-CM (extracts often label CM codes loosely, and the CM rules are the narrower ones: M47.816 sent as
   WHO is still back pain). Never the other way round: the WHO rules are broader (WHO F11.2 contains the CM
   remission code F11.21; WHO Z94 contains corneal transplant), so a CM code is judged by CM rules only.
-* medication names (groups whose ValueSet carries the medication-name-match extension): a coding whose code
-  matches no group, or the CodeableConcept.text, is matched by ingredient or brand name (whole word, any
-  case). An exclusion word of the group (matched at the start of a word: `inhal` catches inhaler) anywhere
-  in the concept's displays or text removes the group, even when it was found by code - a topical
-  hydrocortisone is not a systemic steroid.
+* names (groups whose ValueSet carries the name-match extension): a coding whose code matches no group, or
+  the CodeableConcept.text, is matched by name (whole word, any case): medications by ingredient or brand
+  (RxNorm product codes cannot be enumerated here), findings by their usual names (SNOMED CT descendants
+  cannot be expanded without a terminology server). An exclusion word of the group (matched at the start
+  of a word: `inhal` catches inhaler) anywhere in the concept's displays or text removes the group, even
+  when it was found by code - a topical hydrocortisone is not a systemic steroid, a family history of
+  cancer is not a history of cancer.
 
 Input from the wire is never trusted: wrong types, empty codings (`{"coding": [{}]}`, as the CDS Hooks
 sandbox sends) and unknown systems give an empty result, never an exception. An unknown *group name* is a
@@ -46,7 +48,7 @@ ICD10_SYSTEMS = (ICD10_CM, ICD10_WHO)
 EXTENSION_BASE = "https://lumbar-imaging-cds.example.org/fhir/StructureDefinition/"
 EXT_GROUP_PREFIX = EXTENSION_BASE + "group-"  # + attribute name with '-' for '_': group-window-days
 EXT_SYSTEM_ALIAS = EXTENSION_BASE + "system-alias"  # on compose.include: another URI of the same system
-EXT_MEDICATION_NAMES = EXTENSION_BASE + "medication-name-match"  # sub-extensions: ingredient, exclude-word
+EXT_NAME_MATCH = EXTENSION_BASE + "name-match"  # sub-extensions: name, exclude-word
 EXT_NOTE = EXTENSION_BASE + "note"
 # per-code attribute in code-groups.json -> (extension URL on expansion.contains, value type)
 CODE_ATTRIBUTE_EXTENSIONS = {
@@ -81,7 +83,7 @@ def normalise_code(system: str, code: str) -> str:
 @dataclass(frozen=True)
 class _NameRule:
     group: str
-    names: re.Pattern[str]  # ingredient or brand names, whole words
+    names: re.Pattern[str]  # ingredient, brand or finding names, whole words
     exclusions: re.Pattern[str] | None  # words that stop the group (at the start of a word)
 
 
@@ -138,7 +140,7 @@ class CodeIndex:
         return found
 
     def concept_groups(self, concept: dict | None) -> frozenset[str]:
-        """The groups of a CodeableConcept: union over its codings, plus medication name matching."""
+        """The groups of a CodeableConcept: union over its codings, plus name matching (see module doc)."""
         if type(concept) is not dict:
             return EMPTY
         found: set[str] = set()
@@ -165,13 +167,13 @@ class CodeIndex:
         return frozenset(found)
 
     def coding_in(self, coding: dict | None, group: str) -> bool:
-        """Whether one Coding (by code, or by medication name in its display) is in `group`."""
+        """Whether one Coding (by code, or by name in its display) is in `group`."""
         self._check_group(group)
         return type(coding) is dict and group in self.concept_groups({"coding": [coding]})
 
     def first_coding_in(self, concept: dict | None, group: str) -> dict | None:
         """The evidence that `concept` is in `group`: the first coding matched by code, else the coding whose
-        display matched a medication name, else a synthetic {"text": ...} for a match on CodeableConcept.text;
+        display matched a name, else a synthetic {"text": ...} for a match on CodeableConcept.text;
         None when the concept is not in the group."""
         self._check_group(group)
         if group not in self.concept_groups(concept):
@@ -242,7 +244,7 @@ class CodeIndex:
         return found
 
     def _text_groups(self, text: str) -> tuple[frozenset[str], frozenset[str]]:
-        """(groups whose medication names occur in text, groups whose exclusion words occur in text)."""
+        """(groups whose names occur in text, groups whose exclusion words occur in text)."""
         found = self._text_memo.get(text)
         if found is None:
             named = frozenset(rule.group for rule in self._name_rules if rule.names.search(text))
@@ -262,7 +264,7 @@ class CodeIndex:
         meta: dict[str, Any] = {}
         for extension in valueset.get("extension", []):
             url = extension["url"]
-            if url == EXT_MEDICATION_NAMES:
+            if url == EXT_NAME_MATCH:
                 self._name_rules.append(_name_rule(group, extension))
             elif url.startswith(EXT_GROUP_PREFIX):
                 meta[url[len(EXT_GROUP_PREFIX):].replace("-", "_")] = _extension_value(extension)
@@ -327,10 +329,10 @@ def _extension_value(extension: dict[str, Any]) -> Any:
 
 
 def _name_rule(group: str, extension: dict[str, Any]) -> _NameRule:
-    names = [item["valueString"] for item in extension["extension"] if item["url"] == "ingredient"]
+    names = [item["valueString"] for item in extension["extension"] if item["url"] == "name"]
     words = [item["valueString"] for item in extension["extension"] if item["url"] == "exclude-word"]
     if not names:
-        raise ValueError(f"{group}: medication-name-match without ingredients")
+        raise ValueError(f"{group}: name-match without names")
     return _NameRule(
         group=group,
         names=re.compile(r"\b(?:" + _alternation(names) + r")\b", re.IGNORECASE),

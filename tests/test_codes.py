@@ -430,9 +430,34 @@ def test_medication_name_matching(index, concept, group, expected):
     assert (group in index.concept_groups(concept)) is expected
 
 
-def test_names_are_only_used_for_medication_groups(index):
-    assert index.concept_groups({"text": "Low back pain"}) == frozenset()
-    assert index.concept_groups({"text": "Cauda equina syndrome"}) == frozenset()
+@pytest.mark.parametrize("text, group", [
+    ("Low back pain", "LBP_EPISODE"),
+    ("Cauda equina syndrome, incomplete", "CES_DIAGNOSIS"),
+    ("Saddle anesthesia", "CES_SADDLE_ANAESTHESIA"),
+    ("Adenocarcinoma of pancreas", "MALIGNANCY"),
+    ("Pyrexia of unknown origin", "FEVER_CONDITION"),
+    ("Spondylodiscitis L4-L5", "SPINAL_INFECTION"),
+    ("Kidney transplant recipient", "TRANSPLANT"),
+    ("Microdiscectomy L5-S1 (2019)", "PRIOR_LUMBAR_SURGERY"),
+])
+def test_findings_with_unlisted_codes_are_matched_by_name(index, text, group):
+    """SNOMED CT descendants cannot be expanded here: a finding with an unlisted code is matched by its name."""
+    assert group in index.concept_groups({"coding": [{"system": SNOMED, "code": "1234567001", "display": text}]})
+    assert group in index.concept_groups({"text": text})
+
+
+@pytest.mark.parametrize("text, group", [
+    ("Family history of malignant neoplasm of breast", "MALIGNANCY"),
+    ("Screening for malignant neoplasm of colon", "MALIGNANCY"),
+    ("Basal cell carcinoma of skin of back", "MALIGNANCY"),
+    ("Hay fever", "FEVER_CONDITION"),
+    ("Cauda equina syndrome ruled out", "CES_DIAGNOSIS"),
+    ("HIV negative", "HIV"),
+    ("Corneal transplant", "TRANSPLANT"),
+    ("Anterior cervical discectomy and fusion", "PRIOR_LUMBAR_SURGERY"),
+])
+def test_name_exclusions_hold(index, text, group):
+    assert group not in index.concept_groups({"coding": [{"system": SNOMED, "code": "1234567001", "display": text}]})
 
 
 def test_first_coding_in_returns_the_evidence(index):

@@ -801,3 +801,29 @@ def _order_rows():
 @pytest.mark.parametrize("order,in_scope", list(_order_rows()))
 def test_every_enumerated_order_code_is_in_or_out_of_scope(order, in_scope):
     check(ordering(with_condition(LBP, URINARY_RETENTION, 1), order), CES if in_scope else None)
+
+
+# --- findings coded outside the enumerated lists, matched by name (SNOMED CT descendants) -----------------------
+
+from scenarios import adult_with_acute_lbp, card_types, code, evaluate, fact_ids, only_card, with_condition  # noqa: E402
+
+UNLISTED_SNOMED = "http://snomed.info/sct"
+
+
+@pytest.mark.parametrize("display, card_type, fact", [
+    ("Metastatic adenocarcinoma of prostate", "imaging-indicated", "RF-CANCER"),
+    ("Incomplete cauda equina syndrome due to disc prolapse", "cauda-equina-emergency", "CES-DIAGNOSIS"),
+    ("Spondylodiscitis of lumbar spine", "imaging-indicated", "RF-INFECTION-SPINAL"),
+])
+def test_an_unlisted_snomed_finding_counts_by_its_name(display, card_type, fact):
+    vignette = with_condition(adult_with_acute_lbp(days=10), code(UNLISTED_SNOMED, "999999991000119100", display), days_ago=5)
+    card = only_card(evaluate(vignette))
+    assert card["source"]["topic"]["code"] == card_type
+    assert fact in fact_ids(card)
+
+
+@pytest.mark.parametrize("display", ["Family history of malignant neoplasm of colon", "Screening for malignant neoplasm of breast",
+                                     "Basal cell carcinoma of skin of back"])
+def test_a_named_non_flag_still_gets_the_warning(display):
+    vignette = with_condition(adult_with_acute_lbp(days=10), code(UNLISTED_SNOMED, "999999991000119100", display), days_ago=400)
+    assert card_types(evaluate(vignette)) == ["imaging-not-indicated"]

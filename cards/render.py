@@ -150,7 +150,7 @@ class CardRenderer:
             evidence=_evidence_list([(f.label, e) for f in a.findings for e in f.evidence]),
             guideline_list=self._guideline_list(guidelines),
         )
-        summary = t["summary"][summary_key].format(**values)
+        summary = self._summary_with_flags(t["summary"][summary_key], values, a.findings)
         suggestions = []
         if not protocol.order_is_fine and a.order.reference:
             recommended = self._recommended_coding(a, protocol.contrast or "without")
@@ -255,6 +255,17 @@ class CardRenderer:
     def _flags_text(self, findings: list[Finding]) -> str:
         labels = [_short_label(f.label) for f in findings]
         return ", ".join(labels)
+
+    def _summary_with_flags(self, template: str, values: dict, findings: list[Finding]) -> str:
+        """The summary with as many flag names as fit: the advice after them must never be cut off."""
+        labels = [_short_label(f.label) for f in findings]
+        limit = self.common["summary_max_chars"]
+        for shown in range(len(labels), 0, -1):
+            flags = ", ".join(labels[:shown]) + (f" +{len(labels) - shown} more" if shown < len(labels) else "")
+            summary = template.format(**{**values, "flags": flags})
+            if len(summary) <= limit:
+                return summary
+        return template.format(**{**values, "flags": f"{len(labels)} red flags"})
 
     def _fit(self, summary: str) -> str:
         limit = self.common["summary_max_chars"]

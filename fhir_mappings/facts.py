@@ -16,6 +16,7 @@ from . import fhir_values as fv
 from .knowledge import Knowledge
 
 ORDER_REASON = "OrderReason"
+_UNREAD = object()  # a value not computed yet
 MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement")
 
 
@@ -225,7 +226,15 @@ class _ItemReader:
             return None
         return Item(source=source, resource=resource, concept=concept, groups=groups, date=when, current=current, **extra)
 
+    # Each reader looks the codes up first (concept_groups is empty for anything but a coded concept):
+    # most resources of a real record (vital signs, unrelated problems and drugs) are in no code group,
+    # and for them nothing else (dates, values, supply) is read.
+
     def _condition(self, resource: dict) -> list[Item]:
+        concept = resource.get("code")
+        groups = self.codes.concept_groups(concept)
+        if not groups:
+            return []
         rules = self.status["condition"]
         if fv.status_code(resource.get("verificationStatus")) in rules["excluded_verification"]:
             return []
@@ -240,36 +249,36 @@ class _ItemReader:
             or fv.period_start(resource.get("onsetPeriod"))
             or fv.parse_date(resource.get("recordedDate"))
         )
-        item = self._item("Condition", resource, resource.get("code"), when, current)
-        return [item] if item else []
+        return [Item("Condition", resource, concept, groups, when, current)]
 
     def _observation(self, resource: dict) -> list[Item]:
-        status = fv.text(resource.get("status"))
-        if status in self.status["observation"]["excluded"] or resource.get("dataAbsentReason") is not None:
+        if fv.text(resource.get("status")) in self.status["observation"]["excluded"] or resource.get("dataAbsentReason") is not None:
             return []
-        when = (
-            fv.parse_date(resource.get("effectiveDateTime"))
-            or fv.period_end(resource.get("effectivePeriod"))
-            or fv.period_start(resource.get("effectivePeriod"))
-            or fv.parse_date(resource.get("effectiveInstant"))
-            or fv.parse_date(resource.get("issued"))
-        )
         items: list[Item] = []
-        parts = [resource] + [c for c in _list(resource.get("component")) if isinstance(c, dict)]
+        when: Any = _UNREAD
+        components = resource.get("component")
+        parts = [resource] + [c for c in components if isinstance(c, dict)] if isinstance(components, list) else (resource,)
         for part in parts:
             if part is not resource and part.get("dataAbsentReason") is not None:
                 continue
-            positive, explicit = self._finding_value(part, resource)
-            quantity = part.get("valueQuantity") if isinstance(part.get("valueQuantity"), dict) else None
-            item = self._item("Observation", resource, part.get("code"), when, positive=positive, explicit_positive=explicit, quantity=quantity)
-            if item:
-                items.append(item)
+            concept = part.get("code")
+            groups = self.codes.concept_groups(concept)
+            if groups:
+                if when is _UNREAD:
+                    when = _observation_date(resource)
+                positive, explicit = self._finding_value(part, resource)
+                quantity = part.get("valueQuantity") if isinstance(part.get("valueQuantity"), dict) else None
+                items.append(Item("Observation", resource, concept, groups, when, True,
+                                  positive=positive, explicit_positive=explicit, quantity=quantity))
             value_concept = part.get("valueCodeableConcept")
-            if isinstance(value_concept, dict) and not self._is_qualifier(value_concept):
+            if isinstance(value_concept, dict):
                 # A coded finding recorded as the value ("Clinical finding" = Saddle numbness)
-                value_item = self._item("Observation", resource, value_concept, when, positive=True, explicit_positive=True)
-                if value_item:
-                    items.append(value_item)
+                value_groups = self.codes.concept_groups(value_concept)
+                if value_groups and not self._is_qualifier(value_concept):
+                    if when is _UNREAD:
+                        when = _observation_date(resource)
+                    items.append(Item("Observation", resource, value_concept, value_groups, when, True,
+                                      positive=True, explicit_positive=True))
         return items
 
     def _finding_value(self, part: dict, resource: dict) -> tuple[bool, bool]:
@@ -315,9 +324,11 @@ class _ItemReader:
         concept = resource.get("medicationCodeableConcept")
         if concept is None:
             concept = self._referenced_medication_code(resource)
+        groups = self.codes.concept_groups(concept)
+        if not groups:
+            return []
         start, end = _medication_period(resource, self.today)
-        item = self._item(resource["resourceType"], resource, concept, start, end=end, status=status)
-        return [item] if item else []
+        return [Item(resource["resourceType"], resource, concept, groups, start, True, end=end, status=status)]
 
     def _referenced_medication_code(self, resource: dict) -> dict | None:
         reference = resource.get("medicationReference")
@@ -336,25 +347,31 @@ class _ItemReader:
         status = fv.text(resource.get("status"))
         if status in self.status["procedure"]["excluded"]:
             return []
+        concept = resource.get("code")
+        groups = self.codes.concept_groups(concept)
+        if not groups:
+            return []
         when = (
             fv.parse_date(resource.get("performedDateTime"))
             or fv.period_start(resource.get("performedPeriod"))
             or fv.parse_date(resource.get("performedString"))
         )
-        item = self._item("Procedure", resource, resource.get("code"), when, status=status)
-        return [item] if item else []
+        return [Item("Procedure", resource, concept, groups, when, True, status=status)]
 
     def _service_request(self, resource: dict) -> list[Item]:
         status = fv.text(resource.get("status"))
         if status in self.status["service_request"]["excluded"]:
+            return []
+        concept = resource.get("code")
+        groups = self.codes.concept_groups(concept)
+        if not groups:
             return []
         when = (
             fv.parse_date(resource.get("occurrenceDateTime"))
             or fv.period_start(resource.get("occurrencePeriod"))
             or fv.parse_date(resource.get("authoredOn"))
         )
-        item = self._item("ServiceRequest", resource, resource.get("code"), when, status=status)
-        return [item] if item else []
+        return [Item("ServiceRequest", resource, concept, groups, when, True, status=status)]
 
     def order_reason_items(self, order: dict) -> list[Item]:
         """The draft order's reasonCode: the ordering clinician's stated reason, current as of today."""
@@ -615,6 +632,16 @@ class _Evaluator:
             guidelines=tuple(definition.get("guidelines", ())),
         )
         return finding, (self.today - first.date).days
+
+
+def _observation_date(resource: dict) -> date | None:
+    return (
+        fv.parse_date(resource.get("effectiveDateTime"))
+        or fv.period_end(resource.get("effectivePeriod"))
+        or fv.period_start(resource.get("effectivePeriod"))
+        or fv.parse_date(resource.get("effectiveInstant"))
+        or fv.parse_date(resource.get("issued"))
+    )
 
 
 def _medication_period(resource: dict, today: date) -> tuple[date | None, date | None]:

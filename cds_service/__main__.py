@@ -1,10 +1,11 @@
-"""Command line: python -m cds_service serve | evaluate | send | report | load-demo
+"""Command line: python -m cds_service serve | evaluate | send | report | load-demo | audit
 
   serve       start the HTTP service (embedded defaults: SQLite, demo data, no authentication)
   evaluate    evaluate a patient Bundle from a file offline and print facts, rule and cards
   send        build a CDS Hooks request from a Bundle and send it to a running service
   report      the override report from the audit and feedback store
   load-demo   load the demo patients into a FHIR R4 server
+  audit       evaluate past lumbar imaging orders from a Bulk Data export or a FHIR server (retrospective)
 """
 
 from __future__ import annotations
@@ -52,9 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--fhir", required=True, help="FHIR server base URL, e.g. http://localhost:8081/fhir")
     load.add_argument("--today", type=date.fromisoformat, help="date the records are relative to (default: today)")
 
+    from .retro_audit import add_audit_arguments
+
+    add_audit_arguments(commands.add_parser("audit", help="evaluate past lumbar imaging orders (Bulk Data export folder or FHIR server URL)"))
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return {"serve": _serve, "evaluate": _evaluate, "send": _send, "report": _report, "load-demo": _load_demo}[args.command](args)
+    return {"serve": _serve, "evaluate": _evaluate, "send": _send, "report": _report, "load-demo": _load_demo, "audit": _audit}[args.command](args)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -96,6 +101,12 @@ def _report(args: argparse.Namespace) -> int:
     from .report import main_report
 
     return main_report(args)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from .retro_audit import main_audit
+
+    return main_audit(args)
 
 
 def _load_demo(args: argparse.Namespace) -> int:

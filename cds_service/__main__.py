@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs request URLs, which carry patient ids
     return {"serve": _serve, "evaluate": _evaluate, "send": _send, "report": _report, "load-demo": _load_demo, "audit": _audit}[args.command](args)
 
 
@@ -111,12 +112,16 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _load_demo(args: argparse.Namespace) -> int:
     from .demo import demo_records
-    from .demo_loader import load_bundles
+    from .demo_loader import DemoLoadError, load_bundles
     from .vignettes import transaction_bundle
 
     today = args.today or date.today()
     bundles = [(name, transaction_bundle(record)) for name, record in demo_records(today)]
-    count = load_bundles(args.fhir, bundles)
+    try:
+        count = load_bundles(args.fhir, bundles)
+    except DemoLoadError as exc:
+        print(f"load-demo: {exc}", file=sys.stderr)
+        return 1
     print(f"Loaded {count} resources from {len(bundles)} demo patients into {args.fhir}")
     return 0
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import msgspec
 import yaml
+
+from fhir_mappings.facts import RESOURCE_ELEMENTS
 
 HOOK_DEFINITIONS: dict[str, dict[str, dict[str, Any]]] = yaml.safe_load(
     (Path(__file__).with_name("hooks.yaml")).read_text(encoding="utf-8")
@@ -26,6 +28,25 @@ _JSON_TYPE_NAMES = {str: "a string", list: "an array", dict: "an object", bool: 
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
+
+# The hook request as the service reads it. A prefetched resource (or Bundle entry's resource) keeps only
+# the elements the engine and prefetch.py read; msgspec skips the others (names, narrative, notes, reference
+# ranges, ...) without building them, which for a real record is a third of the decoding and freeing work.
+# A TypedDict decodes to a plain dict. Whatever does not fit this shape (a prefetch value that is not an
+# object, malformed JSON, ...) is decoded again by the generic decoder, whose answers are the rules below.
+_PrefetchResource = TypedDict(  # type: ignore[misc]
+    "_PrefetchResource",
+    {**{name: Any for name in RESOURCE_ELEMENTS}, "entry": "list[_PrefetchEntry]", "link": Any, "issue": Any},
+    total=False,
+)
+_PrefetchEntry = TypedDict("_PrefetchEntry", {"resource": _PrefetchResource}, total=False)  # type: ignore[misc]
+_HookRequestBody = TypedDict(  # type: ignore[misc]
+    "_HookRequestBody",
+    {"hook": Any, "hookInstance": Any, "context": Any, "fhirServer": Any, "fhirAuthorization": Any,
+     "prefetch": "dict[str, _PrefetchResource | None] | None"},
+    total=False,
+)
+_hook_request_decoder = msgspec.json.Decoder(_HookRequestBody)
 
 
 class ProtocolError(Exception):
@@ -82,7 +103,7 @@ class HookRequest:
 
 def parse_hook_request(body: bytes, service_hook: str) -> HookRequest:
     """Validate a CDS Hooks 2.0 service request for a service registered on ``service_hook``."""
-    request = decode_json_object(body)
+    request = _decode_hook_request(body)
     hook = _required(request, "hook", str)
     hook_instance = _required(request, "hookInstance", str)
     if not hook_instance.strip():
@@ -152,6 +173,20 @@ def parse_hook_request(body: bytes, service_hook: str) -> HookRequest:
         selections=tuple(selections) if selections is not None else None,
         draft_orders=draft_orders,
     )
+
+
+def _decode_hook_request(body: bytes) -> dict:
+    """The request decoded with only what the service reads; anything else that is not a plain success goes
+    through decode_json_object, so malformed bodies are answered exactly as before."""
+    if not body.isascii():
+        try:
+            body.decode("utf-8")  # msgspec does not check the UTF-8 of the strings it skips
+        except UnicodeDecodeError:
+            return decode_json_object(body)
+    try:
+        return _hook_request_decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return decode_json_object(body)
 
 
 FEEDBACK_OUTCOMES = ("accepted", "overridden")

@@ -19,6 +19,19 @@ ORDER_REASON = "OrderReason"
 _UNREAD = object()  # a value not computed yet
 MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement")
 
+# Every top-level element of a patient record resource that this module reads. The HTTP edge decodes
+# prefetched resources with these elements only (cds_service/protocol.py), so an element read here
+# must be listed here. (Draft orders are always decoded whole.)
+RESOURCE_ELEMENTS = (
+    "resourceType", "id", "status", "code", "birthDate",
+    "clinicalStatus", "verificationStatus", "onsetDateTime", "onsetPeriod", "recordedDate", "abatementDateTime", "abatementPeriod",
+    "effectiveDateTime", "effectivePeriod", "effectiveInstant", "issued", "dataAbsentReason", "component", "interpretation",
+    "valueQuantity", "valueCodeableConcept", "valueBoolean", "valueString",
+    "medicationCodeableConcept", "medicationReference", "contained", "dosageInstruction", "dosage", "dispenseRequest",
+    "authoredOn", "dateAsserted", "performedDateTime", "performedPeriod", "performedString",
+    "occurrenceDateTime", "occurrencePeriod",
+)
+
 
 @dataclass(frozen=True)
 class Evidence:

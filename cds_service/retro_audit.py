@@ -411,7 +411,8 @@ def audit_patient(resources: list[dict], engine: Engine, policy: AuditPolicy = A
 
     in_range = [o for o in orders if (policy.since is None or o.when.day >= policy.since)
                 and (policy.until is None or o.when.day <= policy.until)]
-    summary["skipped_orders"]["outside --since/--until"] += len(orders) - len(in_range)
+    if len(in_range) < len(orders):
+        summary["skipped_orders"]["outside --since/--until"] += len(orders) - len(in_range)
     if in_range:
         counts["patients_with_orders"] += 1
     for order in in_range:
@@ -1110,7 +1111,7 @@ def summary_json(run: AuditRun, knowledge_version: str, policy: AuditPolicy) -> 
         "orders_revoked": counts["orders_revoked"],
         "orders_skipped": dict(sorted(s["skipped_orders"].items())),
         "card_types": {t: s["card_types"][t] for t in CARD_ORDER if s["card_types"][t]},
-        "rules": {k: v for k, v in sorted(s["rules"].items(), key=lambda kv: (_card_rank(kv[0].split("|")[0]), kv[0]))},
+        "rules": {k: v for k, v in sorted(s["rules"].items(), key=lambda kv: _rule_order(kv[0]))},
         "orders_with_red_flag": counts["orders_with_red_flag"],
         "orders_with_ces_feature": counts["orders_with_ces_feature"],
         "red_flags": dict(s["red_flags"].most_common()),
@@ -1151,6 +1152,13 @@ def _nested(counter: Counter) -> dict[str, dict[str, int]]:
         outer, inner = key.split("|", 1)
         nested.setdefault(outer, {})[inner] = value
     return nested
+
+
+def _rule_order(key: str) -> tuple:
+    """'card|rule' in card order, then rules naturally: C1..C7, F1, R1..R13, W1, N-..."""
+    card_type, rule = key.split("|", 1)
+    number = re.search(r"\d+$", rule)
+    return _card_rank(card_type), re.sub(r"\d+$", "", rule), int(number.group()) if number else 0, rule
 
 
 def _card_rank(card_type: str) -> int:

@@ -404,3 +404,70 @@ def test_a_fhir_server_source_gives_the_exports_results(tmp_path):
 def test_a_fhir_server_outside_the_allow_list_is_refused(tmp_path):
     with pytest.raises(retro_audit.AuditError, match="not an allowed FHIR server"):
         audit_in_process("https://fhir.example.org/r4", tmp_path / "x.ndjson")
+
+
+def test_a_fhir_query_that_fails_makes_its_type_unreadable_and_the_token_goes_in_the_header_only(tmp_path):
+    """FHIR source without node: an httpx MockTransport as the server. Observation search fails (HTTP 500):
+    the order that would have been warned against gets imaging-data-incomplete, as in a hook call."""
+    import httpx
+
+    base = "http://127.0.0.1:9/fhir"
+    seen: list[httpx.Request] = []
+    order = {"resourceType": "ServiceRequest", "id": "o1", "status": "completed", "intent": "order",
+             "subject": {"reference": "Patient/p1"}, "authoredOn": "2025-03-01T10:00:00Z",
+             "code": {"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "72148"}]}}
+    episode = {"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"}, "onsetDateTime": "2025-02-20",
+               "code": {"coding": [{"system": "http://snomed.info/sct", "code": "279039007"}]}}
+
+    def bundle(resources: list[dict], next_url: str | None = None) -> dict:
+        body = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": r} for r in resources]}
+        if next_url:
+            body["link"] = [{"relation": "next", "url": next_url}]
+        return body
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        path = request.url.path.removeprefix("/fhir/")
+        if path == "ServiceRequest" and "code" in request.url.params:
+            return httpx.Response(200, json=bundle([order], f"{base}/ServiceRequest?page=2"))
+        if path == "ServiceRequest" and request.url.params.get("page") == "2":
+            return httpx.Response(200, json=bundle([{**order, "id": "o2", "authoredOn": "2025-03-02"}]))
+        if path == "Patient/p1":
+            return httpx.Response(200, json={"resourceType": "Patient", "id": "p1", "birthDate": "1980-01-01"})
+        if path == "Observation":
+            return httpx.Response(500, json={"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception"}]})
+        if path == "Condition":
+            return httpx.Response(200, json=bundle([episode]))
+        if path == "ServiceRequest":
+            return httpx.Response(200, json=bundle([order, {**order, "id": "o2", "authoredOn": "2025-03-02"}]))
+        return httpx.Response(200, json=bundle([]))
+
+    writer = retro_audit.ResultWriter(tmp_path / "rows.ndjson")
+    try:
+        retro_audit.audit_fhir_server(base, writer, retro_audit.AuditPolicy(data_end=date(2025, 12, 31)), token="t0ken",
+                                      settings=Settings.from_mapping({}), transport=httpx.MockTransport(handler))
+    finally:
+        writer.close()
+    rows = [json.loads(line) for line in (tmp_path / "rows.ndjson").read_text().splitlines()]
+    assert [(r["order_id"], r["card_type"], r["unread"]) for r in rows] == [
+        ("o1", "imaging-data-incomplete", ["Observation"]), ("o2", "imaging-data-incomplete", ["Observation"])]
+    assert all(r.headers["authorization"] == "Bearer t0ken" for r in seen)
+    assert all("t0ken" not in str(r.url) for r in seen)
+    assert sum(r.url.path == "/fhir/Patient/p1" for r in seen) == 1  # the patient's record is read once for both orders
+
+
+def test_a_next_link_to_another_server_stops_the_fhir_audit(tmp_path):
+    import httpx
+
+    hosts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset", "entry": [],
+                                         "link": [{"relation": "next", "url": "http://evil.example/fhir/ServiceRequest?page=2"}]})
+
+    writer = retro_audit.ResultWriter(None)
+    with pytest.raises(retro_audit.AuditError, match="leaves the FHIR server"):
+        retro_audit.audit_fhir_server("http://127.0.0.1:9/fhir", writer, retro_audit.AuditPolicy(), token="t",
+                                      settings=Settings.from_mapping({}), transport=httpx.MockTransport(handler))
+    assert hosts == ["127.0.0.1"]

@@ -186,9 +186,10 @@ def read_orders(draft_orders: dict, selections: tuple[str, ...] | None, knowledg
     out_of_scope: list[str] = []
     for resource, names in candidates:
         concept = resource.get("code")
+        concept_groups = knowledge.codes.concept_groups(concept)
         order = None
         for group, modality in order_groups.items():
-            coding = knowledge.codes.first_coding_in(concept, group)
+            coding = knowledge.codes.first_coding_in(concept, group) if group in concept_groups else None
             if coding is not None:
                 attributes = knowledge.codes.attributes(coding.get("system"), coding.get("code"))
                 order = ImagingOrder(

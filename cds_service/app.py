@@ -126,6 +126,8 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
 
     async def authenticate(request: Request):
         """The calling EHR (None in open mode); raises AuthError (401) or StoreError (503, replay cache down)."""
+        if not state.authenticator.required:
+            return None  # open mode: nothing is checked, so no audience is built either
         audience = expected_audience(settings, str(request.url))
         return await state.authenticator.authenticate(audience, request.headers.get("authorization"))
 
@@ -194,12 +196,13 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
             shown = _shown_cards(evaluation.cards, settings, service.id)
             body = encode_cds_response({"cards": shown})
         _audit(state, service, hook_request, evaluation, shown, status)
-        log.info(
-            "hookInstance=%s service=%s status=%d cards=%s fetched=%d elapsed_ms=%.1f",
-            hook_request.hook_instance[:64], service_id, status,
-            ",".join(c["source"]["topic"]["code"] for c in evaluation.cards) or "none",
-            len(data.fetched_keys), (time.perf_counter() - started) * 1000,
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "hookInstance=%s service=%s status=%d cards=%s fetched=%d elapsed_ms=%.1f",
+                hook_request.hook_instance[:64], service_id, status,
+                ",".join(c["source"]["topic"]["code"] for c in evaluation.cards) or "none",
+                len(data.fetched_keys), (time.perf_counter() - started) * 1000,
+            )
         return Response(body, status, media_type=JSON)
 
     @app.post("/cds-services/{service_id}/feedback")

@@ -166,6 +166,9 @@ def test_the_document_is_valid_openapi_3_1():
     errors = [f"{list(e.absolute_path)}: {e.message[:200]}" for e in Draft202012Validator(OPENAPI_31).iter_errors(document)]
     assert not errors
     assert document["openapi"].startswith("3.1.")
+    from cds_service import __version__
+
+    assert document["info"]["version"] == __version__  # bump both together
     for name, schema in document["components"]["schemas"].items():
         Draft202012Validator.check_schema(schema)
     # every $ref resolves

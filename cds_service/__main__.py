@@ -80,8 +80,10 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level=settings.log_level.lower(),
         access_log=False,
-        timeout_keep_alive=5,
-        limit_concurrency=1000,
+        timeout_keep_alive=5,  # behind a load balancer: longer than its idle timeout
+        timeout_graceful_shutdown=10,  # SIGTERM: in-flight requests get 10 s, then the audit queue is flushed
+        limit_concurrency=200,  # per worker; each request may hold a 5 MB body
+        server_header=False,
     )
     return 0
 

@@ -19,6 +19,8 @@ from functools import partial
 from datetime import date, datetime, timezone
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
@@ -43,6 +45,7 @@ log = logging.getLogger("cds_service")
 
 JSON = "application/json"
 NO_CARDS = b'{"cards":[]}'
+STORE_TIMEOUT_S = 5.0  # longest wait for the database on a request (then 503)
 LARGE_RECORD = 2000  # resources; above this the engine runs in a worker thread
 
 
@@ -218,8 +221,9 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
         except ProtocolError as exc:
             return error(exc)
         try:
-            result = await run_in_threadpool(state.store.record_feedback, service_id, items)
-        except StoreError:
+            with anyio.fail_after(STORE_TIMEOUT_S):  # the thread is abandoned if the database hangs
+                result = await anyio.to_thread.run_sync(state.store.record_feedback, service_id, items, abandon_on_cancel=True)
+        except (StoreError, TimeoutError):
             log.error("feedback for service=%s not stored: database unavailable", service_id)
             return Response(encode(operation_outcome("Feedback could not be stored; please retry.", code="transient")), 503,
                             headers={"Retry-After": "5"}, media_type=JSON)

@@ -34,6 +34,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from jwt.api_jws import PyJWS
 
 from cds_service.settings import SettingsError
+from cds_service.store import StoreError
 
 log = logging.getLogger("cds_service.auth")
 
@@ -243,6 +244,9 @@ class MemoryReplayCache:
         return True
 
 
+STORE_TIMEOUT_S = 5.0  # longest wait for the replay cache's database
+
+
 class StoreReplayCache:
     """Replay cache shared by all workers and replicas, kept by the storage layer."""
 
@@ -250,7 +254,12 @@ class StoreReplayCache:
         self._store = store
 
     async def remember(self, key: str, expires_at: float) -> bool:
-        return bool(await anyio.to_thread.run_sync(self._store.remember_jti, key, expires_at))
+        """Raises StoreError when the database is down or does not answer in time (the app answers 503)."""
+        try:
+            with anyio.fail_after(STORE_TIMEOUT_S):
+                return bool(await anyio.to_thread.run_sync(self._store.remember_jti, key, expires_at, abandon_on_cancel=True))
+        except TimeoutError:
+            raise StoreError("the replay cache did not answer in time") from None
 
 
 # --------------------------------------------------------------------------------------------

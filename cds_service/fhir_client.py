@@ -141,7 +141,7 @@ def _search_page(body: dict) -> tuple[list[dict], str | None]:
     for entry in entries if isinstance(entries, list) else []:
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            continue
+            raise _Failed("malformed searchset entry")  # garbage is unreadable data, never "no data"
         if resource["resourceType"] == "OperationOutcome":  # search.mode "outcome"
             if error := _outcome_error(resource):
                 raise _Failed(error)

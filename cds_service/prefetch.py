@@ -117,6 +117,7 @@ def _unpack(value: Any) -> tuple[list[dict], str | None, str | None]:
     for entry in entries if isinstance(entries, list) else []:
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            error = "malformed Bundle entry"  # garbage is unreadable data, never "no data"
             continue
         if resource["resourceType"] == "OperationOutcome":
             if _is_error(resource):

@@ -56,6 +56,7 @@ import psycopg
 log = logging.getLogger(__name__)
 
 UTC = timezone.utc
+POOL_WAIT_S = 10.0  # longest wait for a free pooled connection before StoreError (503)
 
 
 class StoreError(Exception):
@@ -259,7 +260,7 @@ class _SQLite(_Dialect):
         )
         try:
             if self.path != ":memory:":
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                mode = self._switch_to_wal(conn)
                 if str(mode).lower() != "wal":
                     raise sqlite3.OperationalError(f"cannot switch to WAL journal mode (got {mode})")
             conn.execute("PRAGMA synchronous=FULL")
@@ -268,6 +269,20 @@ class _SQLite(_Dialect):
             conn.close()
             raise
         return conn
+
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
+        """PRAGMA journal_mode=WAL, retried until the busy timeout: several workers opening a new
+        database at once race for the exclusive lock the switch needs, and SQLite answers "locked"
+        at once rather than through the busy handler."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
 
 class _Postgres(_Dialect):
@@ -296,7 +311,18 @@ class _Postgres(_Dialect):
         return value
 
     def connect(self) -> psycopg.Connection:
-        return psycopg.connect(self.url, connect_timeout=max(1, round(self.connect_timeout_s)), autocommit=False)
+        # A server that goes away must not hang a request: TCP keepalives and a user timeout end a dead
+        # connection (a server that accepts bytes and never answers is bounded by the app's store timeout).
+        return psycopg.connect(
+            self.url,
+            connect_timeout=max(1, round(self.connect_timeout_s)),
+            autocommit=False,
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=2,
+            tcp_user_timeout=int(self.connect_timeout_s * 1000),
+        )
 
     def usable(self, conn: psycopg.Connection) -> bool:
         return not (conn.closed or conn.broken)
@@ -334,7 +360,8 @@ class _Pool:
                 if self._open < self._dialect.pool_size:
                     self._open += 1
                     break
-                self._cond.wait()
+                if not self._cond.wait(timeout=POOL_WAIT_S):
+                    raise StoreError("no database connection became free in time")
         try:
             return self._dialect.connect()
         except BaseException:
@@ -625,7 +652,7 @@ class Store:
         selected by its outcomeTimestamp."""
         d = self._dialect
         start = d.ts(datetime.combine(since, datetime.min.time(), UTC) if since else datetime(1970, 1, 1, tzinfo=UTC))
-        end = d.ts(datetime.combine(until + timedelta(days=1), datetime.min.time(), UTC) if until else datetime(9999, 1, 1, tzinfo=UTC))
+        end = d.ts(datetime.combine(until + timedelta(days=1), datetime.min.time(), UTC) if until and until < date(9999, 1, 1) else datetime(9999, 1, 1, tzinfo=UTC))
         in_range = "d.evaluated_at >= ? AND d.evaluated_at < ?"
         has_feedback = "EXISTS (SELECT 1 FROM feedback f WHERE f.card_uuid = c.card_uuid{})"
         overridden = has_feedback.format(" AND f.outcome = 'overridden'")

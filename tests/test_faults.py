@@ -251,13 +251,7 @@ def test_the_fault_server_serves_the_record_and_the_service_says_not_indicated(f
     assert len(server.requests) == 7 and elapsed < DEADLINE_S
 
 
-# Bug (reported): fhir_client._search_page (and prefetch._unpack for prefetched Bundles) skips entries
-# that are not resources and counts the type as read: a searchset of garbage entries reads as "no data".
-GARBAGE_READ_AS_NO_DATA = pytest.mark.xfail(strict=True, reason="searchset entries that are not resources are skipped, the type counted as read")
-WITH_KNOWN_BUGS = [pytest.param(f, marks=GARBAGE_READ_AS_NO_DATA) if f == "bad-entries" else f for f in sorted(FAULTS)]
-
-
-@pytest.mark.parametrize("fault", WITH_KNOWN_BUGS)
+@pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_one_resource_type_faulty_gives_data_incomplete_in_time(fhir_client, fault):
     """Everything prefetched but Observations, and the FHIR server misbehaves on Observation."""
     record = vignettes.patient_record(NO_RED_FLAGS, TODAY)
@@ -523,12 +517,9 @@ def test_postgresql_stopped_and_started_again(tmp_path, caplog):
             switch.off()
 
 
-# Bug (reported): the store has no client-side time limit. When PostgreSQL stops answering on open
-# connections (a hung server, a half-dead proxy or pooler: bytes accepted, nothing answered), a
-# feedback call waits forever, then every other store user waits for the 4 pooled connections; in
-# authenticated mode every call waits (the JWT replay cache is in the store). Wanted: 503 in bounded time.
+# When PostgreSQL stops answering on open connections (a hung server, a half-dead proxy or pooler: bytes
+# accepted, nothing answered), feedback answers 503 in bounded time instead of waiting forever.
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason="store calls have no time limit: a PostgreSQL that stops answering hangs feedback")
 def test_postgresql_that_stops_answering_gives_503_in_bounded_time(tmp_path):
     upstream = urlsplit(POSTGRES_URL)
     switch = TcpSwitch((upstream.hostname, upstream.port or 5432))

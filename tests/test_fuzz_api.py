@@ -217,7 +217,6 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
 # Found while fuzzing by hand (the date generator rarely reaches it): Store.report adds a day to `until`,
 # which overflows on the last representable date. Bug in cds_service/store.py (reported).
 
-@pytest.mark.xfail(strict=True, reason="GET /analytics/report.json?until=9999-12-31 is a 500 (OverflowError in Store.report)")
 def test_report_until_the_last_representable_day_is_not_a_server_error(tmp_path):
     from fastapi.testclient import TestClient
 

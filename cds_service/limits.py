@@ -20,6 +20,26 @@ class BodyTooLarge(Exception):
     pass
 
 
+class _ResponseTracker:
+    """Wraps `send` and remembers whether the response has started (then nothing else may be sent)."""
+
+    def __init__(self, send):
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
+async def _send_json(send, status: int, outcome: dict) -> None:
+    body = encode(outcome)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class BodySizeLimit:
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -39,8 +59,8 @@ class BodySizeLimit:
                     await self._reject(send)
                     return
         received = 0
-        response_started = False
         disconnected = False
+        response = _ResponseTracker(send)
 
         async def limited_receive():
             nonlocal received, disconnected
@@ -53,16 +73,10 @@ class BodySizeLimit:
                     raise BodyTooLarge()
             return message
 
-        async def tracking_send(message):
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
-
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, response)
         except BodyTooLarge:
-            if not response_started:
+            if not response.started:
                 await self._reject(send)
         except ClientDisconnect:
             if not disconnected:
@@ -70,10 +84,7 @@ class BodySizeLimit:
             log.info("%s %s: the client disconnected before sending the whole body", scope.get("method"), scope.get("path"))
 
     async def _reject(self, send):
-        body = encode(operation_outcome(f"The request body is larger than {self.max_bytes} bytes.", code="too-costly"))
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, 413, operation_outcome(f"The request body is larger than {self.max_bytes} bytes.", code="too-costly"))
 
 
 class ErrorContainment:
@@ -87,23 +98,12 @@ class ErrorContainment:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        response_started = False
-
-        async def tracking_send(message):
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
-
+        response = _ResponseTracker(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, response)
         except (BodyTooLarge, ClientDisconnect):
             raise
         except Exception as exc:  # noqa: BLE001 - the edge of the service: answer, never crash
             log.error("unexpected %s on %s %s", type(exc).__name__, scope.get("method"), scope.get("path"))
-            if response_started:
-                return
-            body = encode(operation_outcome("Internal error; the request was not processed.", code="exception"))
-            await send({"type": "http.response.start", "status": 500,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            if not response.started:
+                await _send_json(send, 500, operation_outcome("Internal error; the request was not processed.", code="exception"))

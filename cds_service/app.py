@@ -228,7 +228,7 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
             return Response(encode(operation_outcome("Feedback could not be stored; please retry.", code="transient")), 503,
                             headers={"Retry-After": "5"}, media_type=JSON)
         log.info("feedback service=%s stored=%d duplicates=%d unknown_cards=%d", service_id, result.stored, result.duplicates, result.unknown_cards)
-        return Response(encode({"stored": result.stored, "duplicates": result.duplicates, "unknownCards": result.unknown_cards}), media_type=JSON)
+        return Response(encode({"stored": result.stored, "duplicates": result.duplicates}), media_type=JSON)
 
     @app.get("/healthz")
     async def health() -> Response:

@@ -371,7 +371,7 @@ def check_outage_and_recovery(client: TestClient, outage, count_feedback, caplog
     after = new_card(client)
     assert audit.flush(10) and audit.written == written + 1
     response, _ = post_feedback(client, feedback_for(after))
-    assert response.status_code == 200 and response.json() == {"stored": 1, "duplicates": 0, "unknownCards": 0}
+    assert response.status_code == 200 and response.json() == {"stored": 1, "duplicates": 0}
 
 
 def test_sqlite_locked_by_another_connection(tmp_path, caplog):

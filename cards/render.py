@@ -229,7 +229,7 @@ class CardRenderer:
         return {"label": guideline["label"], "url": guideline["url"], "type": "absolute"}
 
     def _guideline_list(self, guideline_ids: list[str]) -> str:
-        return "; ".join(self.knowledge.guideline(g)["citation"] for g in guideline_ids)
+        return "; ".join(self.knowledge.guideline(g)["citation"].rstrip(".") for g in guideline_ids) + "."
 
     def _extension(self, a: Assessment) -> dict:
         findings = a.findings + a.also

@@ -142,6 +142,7 @@ def soak(process: subprocess.Popen, url: str, body_file: Path, seconds: int) -> 
     early = statistics.mean(samples[1:4]) if len(samples) > 4 else samples[0]
     return {"app": "service", "payload": "soak", "seconds": seconds, "rss_start_kib": samples[0], "rss_early_kib": int(early),
             "rss_end_kib": samples[-1], "growth_pct": round(100 * (samples[-1] - early) / early, 1),
+            "rss_series_mib": [round(k / 1024, 1) for k in samples],
             "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
 
 

@@ -82,6 +82,8 @@ def decode_json_object(body: bytes, what: str = "request body") -> dict:
         raise ProtocolError(400, f"The {what} is nested too deeply.") from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(400, f"The {what} is not valid JSON: {exc}.", code="structure") from None
+    except UnicodeDecodeError:
+        raise ProtocolError(400, f"The {what} is not valid UTF-8.", code="structure") from None
     if not isinstance(value, dict):
         raise ProtocolError(400, f"The {what} must be a JSON object, not {_describe(value)}.", code="structure")
     return value

@@ -771,3 +771,10 @@ def test_thousands_of_matching_observations_are_evaluated_in_linear_time(client)
     elapsed = time.perf_counter() - started
     assert topics(response) == [("imaging-indicated", "info")]
     assert elapsed < 10, f"{elapsed:.1f} s"
+
+
+def test_invalid_utf8_is_a_400_not_a_500(tmp_path):
+    with TestClient(create_app(app_settings(tmp_path)), raise_server_exceptions=False) as client:
+        response = client.post(SELECT, content=b'{"hook": "\xff\xfe"}')
+    assert response.status_code == 400
+    assert response.json()["resourceType"] == "OperationOutcome"

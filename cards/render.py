@@ -98,15 +98,8 @@ class CardRenderer:
         suggestions = []
         if a.order.reference:
             values = {"order_display": _plain(a.order.display)}
-            for spec in t["suggestions"]:
-                actions = []
-                for action in spec["actions"]:
-                    if action["type"] == "delete":
-                        actions.append({"type": "delete", "description": action["description"].format(**values), "resourceId": a.order.reference})
-                    else:
-                        actions.append({"type": "create", "description": action["description"].format(**values),
-                                        "resource": self._new_resource(action["resource"], facts, a)})
-                suggestions.append(self._suggestion(spec, values, actions))
+            suggestions = self._template_suggestions(t["suggestions"], values, a.order.reference,
+                                                     lambda action: self._new_resource(action["resource"], facts, a))
         return summary, detail, suggestions, t["guidelines"]
 
     def _indicated(self, a: Assessment, facts: ClinicalFacts, t: dict):
@@ -155,15 +148,8 @@ class CardRenderer:
         if not protocol.order_is_fine and a.order.reference:
             recommended = self._recommended_coding(a, protocol.contrast or "without")
             values["recommended_display"] = f"{self.common['modality_text']['MR']} {contrast_text}"
-            for spec in t["suggestions"]:
-                actions = []
-                for action in spec["actions"]:
-                    if action["type"] == "delete":
-                        actions.append({"type": "delete", "description": action["description"].format(**values), "resourceId": a.order.reference})
-                    else:
-                        actions.append({"type": "create", "description": action["description"].format(**values),
-                                        "resource": self._replacement_order(a, recommended, facts)})
-                suggestions.append(self._suggestion(spec, values, actions))
+            suggestions = self._template_suggestions(t["suggestions"], values, a.order.reference,
+                                                     lambda action: self._replacement_order(a, recommended, facts))
         return summary, detail, suggestions, guidelines
 
     def _ces(self, a: Assessment, facts: ClinicalFacts, t: dict):
@@ -245,6 +231,20 @@ class CardRenderer:
         if a.unread:
             extension["unread"] = sorted(a.unread)
         return extension
+
+    def _template_suggestions(self, specs: list[dict], values: dict, order_reference: str, new_resource) -> list[dict]:
+        """Suggestions from a template: `delete` removes the draft order, `create` adds new_resource(action)."""
+        suggestions = []
+        for spec in specs:
+            actions = []
+            for action in spec["actions"]:
+                description = action["description"].format(**values)
+                if action["type"] == "delete":
+                    actions.append({"type": "delete", "description": description, "resourceId": order_reference})
+                else:
+                    actions.append({"type": "create", "description": description, "resource": new_resource(action)})
+            suggestions.append(self._suggestion(spec, values, actions))
+        return suggestions
 
     def _suggestion(self, spec: dict, values: dict, actions: list[dict]) -> dict:
         suggestion = {"key": spec["key"], "label": spec["label"].format(**values), "actions": actions}

@@ -33,7 +33,6 @@ import argparse
 import io
 import json
 import sys
-from collections import defaultdict
 from datetime import date, datetime, timezone
 from typing import Any, TextIO
 

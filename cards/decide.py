@@ -92,19 +92,23 @@ def assess_order(order: ImagingOrder, facts: ClinicalFacts, knowledge: Knowledge
         return Assessment(order, None, "N-unknown-duration", "episode start not recorded")
     if unread:
         return Assessment(order, INCOMPLETE, "INCOMPLETE", "data needed to rule out red flags could not be read", unread=unread)
+    if facts.age is None:  # "not indicated" is advice for adults: unknown age, no such advice
+        return Assessment(order, INCOMPLETE, "INCOMPLETE", "age unknown", unread={"Patient": "no birth date, age unknown"})
     return Assessment(order, NOT_INDICATED, "W1", f"episode {facts.episode_days} days, no red flags, conservative care under 6 weeks")
 
 
 def indicated_protocol(order: ImagingOrder, findings: list[Finding], pregnant: bool = False) -> Protocol:
     """Contrast (criteria.md 1.1): without by default; without and with for suspected infection, malignancy or
-    prior lumbar surgery; in pregnancy no gadolinium unless essential, so without."""
+    prior lumbar surgery; in pregnancy no gadolinium unless essential, so without, and no ionising radiation."""
     wanted = "with-and-without" if any(f.protocol == "with-and-without" for f in findings) else "without"
     contrast = "without" if pregnant else wanted
     withheld = contrast != wanted
     fine_everywhere = all(order.modality in f.fine_orders for f in findings)
     if order.modality == "MR":
         return Protocol("MR", contrast, order.contrast == contrast, withheld)
-    if fine_everywhere:
+    # a CT fits only without contrast (or contrast not stated): these flags' protocol is "without" (ACR V6);
+    # in pregnancy no radiography or CT: MRI without gadolinium (criteria.md 1.9 "avoid ionising radiation")
+    if fine_everywhere and not pregnant and order.contrast in (None, "unspecified", contrast):
         return Protocol(order.modality, None, True)
     return Protocol("MR", contrast, False, withheld)
 

@@ -74,15 +74,16 @@ class CardRenderer:
         acute = days < self.knowledge.criteria["conservative_care"]["min_days"]
         variant_key = "acute" if acute else "no_trial"
         episode = facts.episode
-        episode_sentence = f"Back pain episode for {days} days (since {_date(episode.start)})." if episode and episode.start else ""
+        sentences = t["sentences"]
+        episode_sentence = sentences["episode"].format(episode_days=days, since=_date(episode.start)) if episode and episode.start else ""
         if care_days is not None:
-            care_sentence = f"Conservative care started {care_days} days ago (six weeks is 42 days)."
+            care_sentence = sentences["care_started"].format(care_days=care_days)
         else:
-            care_sentence = "No conservative care (physiotherapy, manipulation, NSAID or muscle relaxant) is recorded for this episode."
+            care_sentence = sentences["no_care"]
         notes = []
         if days <= self.knowledge.criteria["policy"]["hedis_note_within_days"]:
             notes.append(t["notes"]["hedis"])
-        if any("sciatica" in e.display.lower() or "radicul" in e.display.lower() for e in (episode.evidence if episode else [])):
+        if any(word in e.display.lower() for word in t["sciatica_words"] for e in (episode.evidence if episode else [])):
             notes.append(t["notes"]["sciatica"])
         notes.extend(self._modifier_notes(facts, a))
         summary = t["summary"][variant_key].format(episode_days=days)
@@ -91,8 +92,9 @@ class CardRenderer:
             care_sentence=care_sentence,
             variant=t["variant"][variant_key],
             notes=_paragraphs(notes),
-            evidence=_evidence_list([("Back pain episode", e) for e in (episode.evidence if episode else [])]
-                                    + [("Conservative care", e) for e in (facts.conservative_care.evidence if facts.conservative_care else [])]),
+            evidence=_evidence_list([(self.common["evidence_labels"]["episode"], e) for e in (episode.evidence if episode else [])]
+                                    + [(self.common["evidence_labels"]["conservative_care"], e)
+                                       for e in (facts.conservative_care.evidence if facts.conservative_care else [])]),
             guideline_list=self._guideline_list(t["guidelines"]),
         )
         suggestions = []
@@ -153,11 +155,11 @@ class CardRenderer:
         return summary, detail, suggestions, guidelines
 
     def _ces(self, a: Assessment, facts: ClinicalFacts, t: dict):
-        features = "Found: " + _plain("; ".join(f.label for f in a.findings)) + "."
+        features = t["sentences"]["found"].format(features=_plain("; ".join(f.label for f in a.findings)))
         notes = [t["notes"][n] for f in a.findings for n in f.notes if n in t["notes"]]
         notes.extend(self._modifier_notes(facts, a))
         if facts.red_flags:
-            notes.append("Also present: " + _plain(", ".join(f.label for f in facts.red_flags)) + " (consider contrast only if infection or tumour is suspected).")
+            notes.append(t["sentences"]["also_present"].format(flags=_plain(", ".join(f.label for f in facts.red_flags))))
         guidelines = list(self.knowledge.criteria["ces_guidelines"])
         detail = t["detail"].format(
             features=features,
@@ -197,7 +199,7 @@ class CardRenderer:
         unread_list = "\n".join(f"- {labels.get(k, k)}: {_plain(v)}" for k, v in a.unread.items())
         found = ""
         if facts.episode:
-            found = "\n" + _evidence_list([("Back pain episode", e) for e in facts.episode.evidence]) + "\n"
+            found = "\n" + _evidence_list([(self.common["evidence_labels"]["episode"], e) for e in facts.episode.evidence]) + "\n"
         detail = t["detail"].format(unread_list=unread_list, found=found, guideline_list=self._guideline_list(t["guidelines"]))
         return t["summary"]["default"].format(unread=unread_short or "part of the record"), detail, [], t["guidelines"]
 

@@ -68,7 +68,7 @@ def build(source: dict[str, Any], rules: dict[str, Any]) -> dict[str, dict[str, 
             raise ValueError(f"{name}: medication_names and finding_names are exclusive")
         if medication is not None:
             medication = {"names": medication["ingredients"],
-                          "exclude_words": [*medication.get("exclude_words", []), *exclude_all]}
+                          "exclude_words": [*medication.get("exclude_words", []), *exclude_all], "stop_codes": True}
         elif finding is not None:
             medication = {"names": finding["names"],
                           "exclude_words": [*finding.get("exclude_words", []), *rules.get("finding_exclude_words_all", [])]}
@@ -138,6 +138,7 @@ def _valueset(name, group, group_rules, patterns, medication, aliases, release, 
         extensions.append({"url": EXT_NAME_MATCH, "extension": [
             *({"url": "name", "valueString": word} for word in medication["names"]),
             *({"url": "exclude-word", "valueString": word} for word in medication["exclude_words"]),
+            *([{"url": "exclusions-stop-codes", "valueBoolean": True}] if medication.get("stop_codes") else []),
         ]})
     description = f"{title}. Role in the decision: {group['role']}."
     if group.get("note"):

@@ -16,13 +16,17 @@ How an incoming code is read
   ICD-10-CM (extracts often label CM codes loosely, and the CM rules are the narrower ones: M47.816 sent as
   WHO is still back pain). Never the other way round: the WHO rules are broader (WHO F11.2 contains the CM
   remission code F11.21; WHO Z94 contains corneal transplant), so a CM code is judged by CM rules only.
-* names (groups whose ValueSet carries the name-match extension): a coding whose code matches no group, or
-  the CodeableConcept.text, is matched by name (whole word, any case): medications by ingredient or brand
+* names (groups whose ValueSet carries the name-match extension): a coding whose code matches no group (its
+  display; not for ICD-10 and ICD-10-CM, whose rules place every code), or the CodeableConcept.text, is matched by name (whole word, any case): medications by ingredient or brand
   (RxNorm product codes cannot be enumerated here), findings by their usual names (SNOMED CT descendants
   cannot be expanded without a terminology server). An exclusion word of the group (matched at the start
-  of a word: `inhal` catches inhaler) anywhere in the concept's displays or text removes the group, even
-  when it was found by code - a topical hydrocortisone is not a systemic steroid, a family history of
-  cancer is not a history of cancer.
+  of a word: `inhal` catches inhaler) in the same clause of the text (clauses end at ';', a line break or
+  a full stop), or in another display or text of the concept, removes a group found by name - a family
+  history of cancer is not a history of cancer. For findings a group found by *code* stays:
+  the code is the record's statement, and negation is the verificationStatus's job (a word such as
+  "excluded" in a retention diagnosis's text must not hide a cauda equina sign). For medications the
+  exclusion words (route and form: topical, eye drops, inhaler) stop code matches too (extension
+  `exclusions-stop-codes`): a topical hydrocortisone is not a systemic steroid whatever its code.
 
 Input from the wire is never trusted: wrong types, empty codings (`{"coding": [{}]}`, as the CDS Hooks
 sandbox sends) and unknown systems give an empty result, never an exception. An unknown *group name* is a
@@ -48,7 +52,7 @@ ICD10_SYSTEMS = (ICD10_CM, ICD10_WHO)
 EXTENSION_BASE = "https://lumbar-imaging-cds.example.org/fhir/StructureDefinition/"
 EXT_GROUP_PREFIX = EXTENSION_BASE + "group-"  # + attribute name with '-' for '_': group-window-days
 EXT_SYSTEM_ALIAS = EXTENSION_BASE + "system-alias"  # on compose.include: another URI of the same system
-EXT_NAME_MATCH = EXTENSION_BASE + "name-match"  # sub-extensions: name, exclude-word
+EXT_NAME_MATCH = EXTENSION_BASE + "name-match"  # sub-extensions: name, exclude-word, exclusions-stop-codes
 EXT_NOTE = EXTENSION_BASE + "note"
 # per-code attribute in code-groups.json -> (extension URL on expansion.contains, value type)
 CODE_ATTRIBUTE_EXTENSIONS = {
@@ -60,6 +64,7 @@ CODE_ATTRIBUTE_EXTENSIONS = {
 EMPTY: frozenset[str] = frozenset()
 _MEMO_LIMIT = 100_000  # entries; a memo is cleared when full (unknown codes from callers must not grow it forever)
 _ICD_DROP = str.maketrans("", "", " \t†‡*+")
+_CLAUSE_BREAK = re.compile(r"[;\n]|\.\s")  # where one statement in a free text ends and the next begins
 
 
 def system_key(system: str) -> str:
@@ -84,7 +89,8 @@ def normalise_code(system: str, code: str) -> str:
 class _NameRule:
     group: str
     names: re.Pattern[str]  # ingredient, brand or finding names, whole words
-    exclusions: re.Pattern[str] | None  # words that stop the group (at the start of a word)
+    exclusions: re.Pattern[str] | None  # words that stop a name match of the group (at the start of a word)
+    exclusions_stop_codes: bool  # ... and a code match too (medications: route and form words)
 
 
 class CodeIndex:
@@ -101,8 +107,10 @@ class CodeIndex:
         self._excluded: dict[tuple[str, str], set[str]] = {}  # (system, code) -> groups that exclude it
         self._systems: dict[str, set[str]] = {}  # system_key(uri or alias) -> canonical URIs
         self._name_rules: list[_NameRule] = []
+        self._code_stopping_groups: set[str] = set()  # groups whose exclusion words stop code matches too
         self._memo: dict[tuple[str, str], frozenset[str]] = {}
         self._text_memo: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+        self._concept_memo: dict[tuple, frozenset[str]] = {}
         for valueset in valuesets:
             self._add(valueset)
 
@@ -140,9 +148,24 @@ class CodeIndex:
         return found
 
     def concept_groups(self, concept: dict | None) -> frozenset[str]:
-        """The groups of a CodeableConcept: union over its codings, plus name matching (see module doc)."""
+        """The groups of a CodeableConcept: union over its codings, plus name matching (see module doc).
+        Memoised on what the answer depends on (each coding's system, code and display, and the text): a
+        record repeats the same few concepts (vital signs, chronic problems) hundreds of times."""
         if type(concept) is not dict:
             return EMPTY
+        key = _concept_key(concept)
+        try:
+            found = self._concept_memo.get(key)
+        except TypeError:  # an unhashable value (a list where a string belongs): not memoised
+            return self._concept_groups(concept)
+        if found is None:
+            found = self._concept_groups(concept)
+            if len(self._concept_memo) >= _MEMO_LIMIT:
+                self._concept_memo.clear()
+            self._concept_memo[key] = found
+        return found
+
+    def _concept_groups(self, concept: dict) -> frozenset[str]:
         found: set[str] = set()
         texts: list[str] = []  # every display and the text: exclusion words are looked for here
         name_texts: list[str] = []  # displays of codings no group knows, and the text: names looked for here
@@ -152,7 +175,7 @@ class CodeIndex:
             display = coding.get("display")
             if type(display) is str and display:
                 texts.append(display)
-                if not hits:
+                if not hits and not self._fully_ruled(coding.get("system")):
                     name_texts.append(display)
         text = concept.get("text")
         if type(text) is str and text:
@@ -160,11 +183,15 @@ class CodeIndex:
             name_texts.append(text)
         if not texts or not self._name_rules:
             return frozenset(found)
+        named: set[str] = set()
         for text in name_texts:
-            found |= self._text_groups(text)[0]
-        for text in texts:
-            found -= self._text_groups(text)[1]
-        return frozenset(found)
+            # names kept by their own clause; then the exclusions of the concept's other texts (a display
+            # "Family history of breast cancer" stops the text "breast cancer")
+            named |= self._text_groups(text)[0].difference(*(self._text_groups(o)[1] for o in texts if o != text))
+        excluded = frozenset().union(*(self._text_groups(text)[1] for text in texts))
+        if excluded:
+            found -= excluded & self._code_stopping_groups
+        return frozenset(found | named)
 
     def coding_in(self, coding: dict | None, group: str) -> bool:
         """Whether one Coding (by code, or by name in its display) is in `group`."""
@@ -243,15 +270,35 @@ class CodeIndex:
                     found.discard(group)
         return found
 
+    def route_exclusions(self, routes: Iterable[dict]) -> frozenset[str]:
+        """The medication groups whose route and form words (topical, inhal, ophthalmic...) name one of these
+        Dosage.route concepts (displays and text)."""
+        texts = [text for route in routes for text in [route.get("text"), *(c.get("display") for c in _codings(route))]
+                 if type(text) is str and text]
+        return frozenset().union(*(self._text_groups(text)[1] for text in texts)) & self._code_stopping_groups
+
+    def _fully_ruled(self, system: Any) -> bool:
+        """ICD-10 and ICD-10-CM: the hierarchy rules say for every code which groups it is in, so a code in no
+        group is known to be in none, and its title is not matched by name (Z15.01 'Genetic susceptibility to
+        malignant neoplasm' is not cancer, Z71.7 'HIV counseling' is not HIV)."""
+        return type(system) is str and not self._systems.get(system_key(system), set()).isdisjoint(ICD10_SYSTEMS)
+
     def _text_groups(self, text: str) -> tuple[frozenset[str], frozenset[str]]:
-        """(groups whose names occur in text, groups whose exclusion words occur in text)."""
+        """(groups named in text, groups whose exclusion words occur in text). A name counts unless an
+        exclusion word of its group is in the same clause (clauses: split at ';', a line break or a full
+        stop): in "Sciatica, right leg; history of L4/5 microdiscectomy" the 'history of' is the surgery's."""
         found = self._text_memo.get(text)
         if found is None:
-            named = frozenset(rule.group for rule in self._name_rules if rule.names.search(text))
-            excluded = frozenset(
-                rule.group for rule in self._name_rules if rule.exclusions is not None and rule.exclusions.search(text)
-            )
-            found = (named, excluded)
+            named: set[str] = set()
+            excluded: set[str] = set()
+            for clause in _CLAUSE_BREAK.split(text):
+                clause_named = {rule.group for rule in self._name_rules if rule.names.search(clause)}
+                clause_excluded = {
+                    rule.group for rule in self._name_rules if rule.exclusions is not None and rule.exclusions.search(clause)
+                }
+                named |= clause_named - clause_excluded
+                excluded |= clause_excluded
+            found = (frozenset(named), frozenset(excluded))
             if len(self._text_memo) >= _MEMO_LIMIT:
                 self._text_memo.clear()
             self._text_memo[text] = found
@@ -265,7 +312,10 @@ class CodeIndex:
         for extension in valueset.get("extension", []):
             url = extension["url"]
             if url == EXT_NAME_MATCH:
-                self._name_rules.append(_name_rule(group, extension))
+                rule = _name_rule(group, extension)
+                self._name_rules.append(rule)
+                if rule.exclusions_stop_codes:
+                    self._code_stopping_groups.add(group)
             elif url.startswith(EXT_GROUP_PREFIX):
                 meta[url[len(EXT_GROUP_PREFIX):].replace("-", "_")] = _extension_value(extension)
         self._meta[group] = meta
@@ -303,6 +353,18 @@ class CodeIndex:
         self._codes[group] = codes
 
 
+def _concept_key(concept: dict) -> tuple:
+    """Everything concept_groups reads of a CodeableConcept, as a tuple (hashable unless a value is a list or
+    an object, which the caller handles)."""
+    codings = concept.get("coding")
+    if type(codings) is not list:
+        return (concept.get("text"),)
+    return (
+        concept.get("text"),
+        *[(c.get("system"), c.get("code"), c.get("display")) for c in codings if type(c) is dict],
+    )
+
+
 def _codings(concept: Any) -> Iterable[dict]:
     codings = concept.get("coding") if type(concept) is dict else None
     if type(codings) is not list:
@@ -331,12 +393,14 @@ def _extension_value(extension: dict[str, Any]) -> Any:
 def _name_rule(group: str, extension: dict[str, Any]) -> _NameRule:
     names = [item["valueString"] for item in extension["extension"] if item["url"] == "name"]
     words = [item["valueString"] for item in extension["extension"] if item["url"] == "exclude-word"]
+    stop_codes = any(item["url"] == "exclusions-stop-codes" and item["valueBoolean"] for item in extension["extension"])
     if not names:
         raise ValueError(f"{group}: name-match without names")
     return _NameRule(
         group=group,
         names=re.compile(r"\b(?:" + _alternation(names) + r")\b", re.IGNORECASE),
         exclusions=re.compile(r"\b(?:" + _alternation(words) + ")", re.IGNORECASE) if words else None,
+        exclusions_stop_codes=stop_codes,
     )
 
 

@@ -8,8 +8,10 @@ Every fact keeps the evidence (FHIR reference, display, date) behind it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from functools import lru_cache
 from typing import Any, Iterable
 
 from . import fhir_values as fv
@@ -23,8 +25,9 @@ MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement")
 # prefetched resources with these elements only (cds_service/protocol.py), so an element read here
 # must be listed here. (Draft orders are always decoded whole.)
 RESOURCE_ELEMENTS = (
-    "resourceType", "id", "status", "code", "birthDate",
-    "clinicalStatus", "verificationStatus", "onsetDateTime", "onsetPeriod", "recordedDate", "abatementDateTime", "abatementPeriod",
+    "resourceType", "id", "status", "code", "bodySite", "birthDate",
+    "clinicalStatus", "verificationStatus", "onsetDateTime", "onsetPeriod", "onsetAge", "onsetRange", "onsetString",
+    "recordedDate", "abatementDateTime", "abatementPeriod", "abatementAge", "abatementRange", "abatementString", "abatementBoolean",
     "effectiveDateTime", "effectivePeriod", "effectiveInstant", "issued", "dataAbsentReason", "component", "interpretation",
     "valueQuantity", "valueCodeableConcept", "valueBoolean", "valueString",
     "medicationCodeableConcept", "medicationReference", "contained", "dosageInstruction", "dosage", "dispenseRequest",
@@ -64,7 +67,6 @@ class ImagingOrder:
     contrast: str | None  # without | with | with-and-without | intrathecal | unspecified | None (X-ray)
     coding: dict  # the coding that put the order in scope
     display: str
-    reason_groups: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -136,8 +138,8 @@ def extract_facts(
         for group in item.groups:
             by_group.setdefault(group, []).append(item)
 
-    patient = _find_patient(resources)
-    age = fv.age_in_years(fv.parse_date(patient.get("birthDate")), today) if patient else None
+    patient = reader.patient
+    age = fv.age_in_years(reader.birth_date, today)
     evaluator = _Evaluator(knowledge, today, by_group, age)
 
     ces = evaluator.findings(criteria["ces_features"], "ces")
@@ -169,19 +171,22 @@ def read_orders(draft_orders: dict, selections: tuple[str, ...] | None, knowledg
     order_groups: dict[str, str] = knowledge.criteria["orders"]["groups"]
     excluded = set(knowledge.criteria["status"]["order"]["excluded"])
     candidates: list[tuple[dict, set[str]]] = []
+    named_entries = False  # whether the selections name any draft entry (a ServiceRequest or not)
     entries = draft_orders.get("entry") if isinstance(draft_orders, dict) else None
     for entry in entries if isinstance(entries, list) else []:
         if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
             continue
         resource = entry["resource"]
+        names = {fv.reference_of(resource) or "", fv.text(resource.get("id")) or "", fv.text(entry.get("fullUrl")) or ""} - {""}
+        named_entries = named_entries or bool(selections and names & set(selections))
         if resource.get("resourceType") != "ServiceRequest" or fv.text(resource.get("status")) in excluded:
             continue
-        names = {fv.reference_of(resource) or "", fv.text(resource.get("id")) or "", fv.text(entry.get("fullUrl")) or ""} - {""}
         candidates.append((resource, names))
-    if selections:
-        selected = [(r, n) for r, n in candidates if n & set(selections)]
-        if selected:  # selections that match nothing: evaluate every draft (never miss a cauda equina order)
-            candidates = selected
+    if selections and named_entries:
+        # the clinician selected other orders (a drug, say): the imaging drafts are advised on at their turn or
+        # at order-sign. Selections that name no entry at all: every draft is evaluated (never miss a cauda
+        # equina order because a client wrote its references differently).
+        candidates = [(r, n) for r, n in candidates if n & set(selections)]
     orders: list[ImagingOrder] = []
     out_of_scope: list[str] = []
     for resource, names in candidates:
@@ -199,7 +204,6 @@ def read_orders(draft_orders: dict, selections: tuple[str, ...] | None, knowledg
                     contrast=attributes.get("contrast") if modality != "XR" else None,
                     coding=coding,
                     display=fv.concept_display(concept, coding),
-                    reason_groups=frozenset().union(*(knowledge.codes.concept_groups(c) for c in _list(resource.get("reasonCode")))),
                 )
                 break
         if order:
@@ -207,6 +211,26 @@ def read_orders(draft_orders: dict, selections: tuple[str, ...] | None, knowledg
         else:
             out_of_scope.append(fv.reference_of(resource) or "ServiceRequest")
     return orders, out_of_scope
+
+
+def order_reasons(order: dict, record: set[str]) -> list[dict]:
+    """The reasons a draft order states, as CodeableConcepts: its reasonCode, and its reasonReference - the code
+    of a contained Condition or Observation ("#id"), else the reference's display (matched by name) when the
+    resource is not in the `record` (references "Type/id"): a record resource is read with its statuses."""
+    reasons = [c for c in _list(order.get("reasonCode")) if isinstance(c, dict)]
+    contained = {c.get("id"): c for c in _list(order.get("contained")) if isinstance(c, dict) and isinstance(c.get("id"), str)}
+    for reference in _list(order.get("reasonReference")):
+        if not isinstance(reference, dict):
+            continue
+        target = reference.get("reference")
+        resource = contained.get(target[1:]) if isinstance(target, str) and target.startswith("#") else None
+        if resource is not None and isinstance(resource.get("code"), dict):
+            reasons.append(resource["code"])
+        elif isinstance(target, str) and "/".join(target.split("/")[-2:]) in record:
+            continue
+        elif isinstance(reference.get("display"), str) and reference["display"].strip():
+            reasons.append({"text": reference["display"]})
+    return reasons
 
 
 class _ItemReader:
@@ -218,14 +242,17 @@ class _ItemReader:
         self.values = knowledge.criteria["finding_values"]
         self.today = today
         self.medications = {fv.reference_of(r): r for r in resources if r.get("resourceType") == "Medication" and r.get("id")}
+        self.references = {reference for r in resources if (reference := fv.reference_of(r))}
+        self.patient = _find_patient(resources)
+        self.birth_date = fv.parse_date(self.patient.get("birthDate")) if self.patient else None
         self.items: list[Item] = []
         readers = {
             "Condition": self._condition,
             "Observation": self._observation,
             "MedicationRequest": self._medication,
             "MedicationStatement": self._medication,
-            "Procedure": self._procedure,
-            "ServiceRequest": self._service_request,
+            "Procedure": self._act,
+            "ServiceRequest": self._act,
         }
         for resource in resources:
             reader = readers.get(resource["resourceType"])
@@ -254,16 +281,38 @@ class _ItemReader:
             return []
         clinical = fv.status_code(resource.get("clinicalStatus"))
         if clinical is None:
-            abated = fv.parse_date(resource.get("abatementDateTime")) or fv.period_end(resource.get("abatementPeriod"))
-            current = rules["missing_clinical_status_is_current"] and not (abated and abated <= self.today)
+            current = rules["missing_clinical_status_is_current"] and not self._abated(resource)
         else:
             current = clinical in rules["current_clinical"]
-        when = (
-            fv.parse_date(resource.get("onsetDateTime"))
-            or fv.period_start(resource.get("onsetPeriod"))
-            or fv.parse_date(resource.get("recordedDate"))
-        )
+        onset_range = resource.get("onsetRange")
+        dates = [
+            fv.parse_date(resource.get("onsetDateTime")),
+            fv.period_start(resource.get("onsetPeriod")),
+            fv.date_at_age(self.birth_date, resource.get("onsetAge")),  # the earliest day the age can mean
+            fv.date_at_age(self.birth_date, onset_range.get("low") if isinstance(onset_range, dict) else None),
+            fv.parse_date(resource.get("onsetString")),
+            fv.parse_date(resource.get("recordedDate")),
+        ]
+        # the first date recorded; an onset after today is an entry error: the next one, else today (a sign
+        # dated tomorrow is present now, not unknown)
+        when = next((d for d in dates if d is not None and d <= self.today), None)
+        if when is None and any(dates):
+            when = self.today
         return [Item("Condition", resource, concept, groups, when, current)]
+
+    def _abated(self, resource: dict) -> bool:
+        """Whether a Condition records its end, in any of abatement[x]'s forms, on or before today."""
+        abatement_range = resource.get("abatementRange")
+        ended = (
+            fv.parse_date(resource.get("abatementDateTime"))
+            or fv.period_end(resource.get("abatementPeriod"))
+            or fv.date_at_age(self.birth_date, resource.get("abatementAge"))
+            or fv.date_at_age(self.birth_date, abatement_range.get("high") if isinstance(abatement_range, dict) else None)
+        )
+        if ended is not None:
+            return ended <= self.today
+        text = resource.get("abatementString")
+        return resource.get("abatementBoolean") is True or (isinstance(text, str) and bool(text.strip()))
 
     def _observation(self, resource: dict) -> list[Item]:
         if fv.text(resource.get("status")) in self.status["observation"]["excluded"] or resource.get("dataAbsentReason") is not None:
@@ -281,10 +330,14 @@ class _ItemReader:
                 if when is _UNREAD:
                     when = _observation_date(resource)
                 positive, explicit = self._finding_value(part, resource)
-                quantity = part.get("valueQuantity") if isinstance(part.get("valueQuantity"), dict) else None
+                quantity = part.get("valueQuantity")
+                if not isinstance(quantity, dict):
+                    quantity = fv.quantity_from_text(part.get("valueString"))
                 items.append(Item("Observation", resource, concept, groups, when, True,
                                   positive=positive, explicit_positive=explicit, quantity=quantity))
             value_concept = part.get("valueCodeableConcept")
+            if not isinstance(value_concept, dict) and isinstance(part.get("valueString"), str):
+                value_concept = {"text": part["valueString"]}  # a finding written as the answer ("IVDU - injects daily")
             if isinstance(value_concept, dict):
                 # A coded finding recorded as the value ("Clinical finding" = Saddle numbness)
                 value_groups = self.codes.concept_groups(value_concept)
@@ -296,28 +349,31 @@ class _ItemReader:
         return items
 
     def _finding_value(self, part: dict, resource: dict) -> tuple[bool, bool]:
-        """(positive, explicitly positive) for an Observation of a finding."""
+        """(positive, explicitly positive) for an Observation of a finding. A value and an interpretation that
+        disagree (valueBoolean false, interpretation positive) count as positive: a sign is not hidden on a conflict."""
+        interpretations = {coding.get("code") for concept in _list(resource.get("interpretation")) for coding in fv.codings(concept)}
         if part.get("valueBoolean") is False:
-            return False, False
+            flagged = not interpretations.isdisjoint(self.values["present_interpretations"])
+            return (True, True) if flagged else (False, False)
         if part.get("valueBoolean") is True:
             return True, True
         concept = part.get("valueCodeableConcept")
+        texts = [part.get("valueString")]
         if isinstance(concept, dict):
             if self._matches(concept, self.values["absent"]):
                 return False, False
             if self._matches(concept, self.values["present"]):
                 return True, True
-        text = part.get("valueString")
-        if isinstance(text, str):
-            lowered = text.strip().lower()
-            if lowered in ("absent", "no", "negative", "not present", "not detected", "none", "false"):
-                return False, False
-            if lowered in ("present", "yes", "positive", "detected", "true"):
-                return True, True
-        for interpretation in _list(resource.get("interpretation")):
-            for coding in fv.codings(interpretation):
-                if coding.get("code") in self.values["absent_interpretations"]:
+            texts += [concept.get("text"), *(coding.get("display") for coding in fv.codings(concept))]
+        for text in texts:
+            if isinstance(text, str):
+                lowered = text.strip().lower()
+                if lowered in self.values["absent_words"]:
                     return False, False
+                if lowered in self.values["present_words"]:
+                    return True, True
+        if not interpretations.isdisjoint(self.values["absent_interpretations"]):
+            return False, False
         return True, False
 
     def _is_qualifier(self, concept: dict) -> bool:
@@ -339,6 +395,10 @@ class _ItemReader:
         if concept is None:
             concept = self._referenced_medication_code(resource)
         groups = self.codes.concept_groups(concept)
+        routes = [route for dosage in _list(resource.get("dosageInstruction")) + _list(resource.get("dosage"))
+                  if isinstance(dosage, dict) for route in (dosage.get("route"),) if isinstance(route, dict)]
+        if routes:  # a topical or inhaled route makes it no systemic therapy, whatever the drug's code
+            groups = groups - self.codes.route_exclusions(routes)
         if not groups:
             return []
         start, end = _medication_period(resource, self.today)
@@ -354,43 +414,42 @@ class _ItemReader:
                 if isinstance(contained, dict) and contained.get("id") == target[1:]:
                     return contained.get("code")
             return None
-        medication = self.medications.get(target) or self.medications.get("Medication/" + target.rsplit("/", 1)[-1])
-        return medication.get("code") if medication else None
+        # "Medication/1", "https://ehr/fhir/Medication/1", or a transaction's "urn:uuid:<id>" (the id is the uuid)
+        medication = self.medications.get(target) or self.medications.get("Medication/" + target.rsplit("/", 1)[-1].rsplit(":", 1)[-1])
+        if medication:
+            return medication.get("code")
+        display = reference.get("display")
+        return {"text": display} if isinstance(display, str) and display.strip() else None  # the drug named, not sent
 
-    def _procedure(self, resource: dict) -> list[Item]:
+    # Procedure and ServiceRequest: a coded act with a status and a date, the first of three elements present
+    # (criteria.md section 4: "Procedure/ServiceRequest = performed/authored"; a referral documents the start of
+    # conservative care when it is written, whatever its appointment date).
+    _ACTS = {
+        "Procedure": ("procedure", ("performedDateTime", "performedPeriod", "performedString")),
+        "ServiceRequest": ("service_request", ("authoredOn", "occurrenceDateTime", "occurrencePeriod")),
+    }
+
+    def _act(self, resource: dict) -> list[Item]:
+        status_rules, date_elements = self._ACTS[resource["resourceType"]]
         status = fv.text(resource.get("status"))
-        if status in self.status["procedure"]["excluded"]:
+        if status in self.status[status_rules]["excluded"]:
             return []
         concept = resource.get("code")
         groups = self.codes.concept_groups(concept)
         if not groups:
             return []
-        when = (
-            fv.parse_date(resource.get("performedDateTime"))
-            or fv.period_start(resource.get("performedPeriod"))
-            or fv.parse_date(resource.get("performedString"))
-        )
-        return [Item("Procedure", resource, concept, groups, when, True, status=status)]
-
-    def _service_request(self, resource: dict) -> list[Item]:
-        status = fv.text(resource.get("status"))
-        if status in self.status["service_request"]["excluded"]:
-            return []
-        concept = resource.get("code")
-        groups = self.codes.concept_groups(concept)
-        if not groups:
-            return []
-        when = (
-            fv.parse_date(resource.get("occurrenceDateTime"))
-            or fv.period_start(resource.get("occurrencePeriod"))
-            or fv.parse_date(resource.get("authoredOn"))
-        )
-        return [Item("ServiceRequest", resource, concept, groups, when, True, status=status)]
+        when = None
+        for element in date_elements:
+            value = resource.get(element)
+            when = fv.period_start(value) if element.endswith("Period") else fv.parse_date(value)
+            if when:
+                break
+        return [Item(resource["resourceType"], resource, concept, groups, when, True, status=status)]
 
     def order_reason_items(self, order: dict) -> list[Item]:
         """The draft order's reasonCode: the ordering clinician's stated reason, current as of today."""
         items = []
-        for concept in _list(order.get("reasonCode")):
+        for concept in order_reasons(order, self.references):
             item = self._item(ORDER_REASON, order, concept, self.today)
             if item:
                 items.append(item)
@@ -515,14 +574,35 @@ class _Evaluator:
         return (self.today - when).days <= days
 
     def _apply_pairs(self, paired: dict, items: list[Item]) -> list[Item]:
-        pair_codes = paired["codes"]
-        in_pair = [i for i in items if any(self._has_code(i.concept, c) for c in pair_codes)]
-        others = [i for i in items if i not in in_pair]
-        recent = [i for i in in_pair if self._within(i.date, paired["within_days"])]
-        sides_found = {c["side"] for c in pair_codes for i in recent if self._has_code(i.concept, c)}
-        if sides_found == {c["side"] for c in pair_codes}:
-            return others + recent
+        """Findings that count only together (a right and a left foot drop): the members of the paired group
+        count when every side is present and the deficit became bilateral within the window, i.e. some side
+        began within it (an old right foot drop with a new left one is a new bilateral deficit; a side of
+        unknown onset is present, just not known to be new). Other items are kept as they are."""
+        members = [i for i in items if paired["group"] in i.groups]
+        others = [i for i in items if paired["group"] not in i.groups]
+        sides = {id(i): self._sides(i, paired["codes"]) for i in members}
+        sided = [i for i in members if sides[id(i)]]
+        needed = {code["side"] for code in paired["codes"]}
+        if needed <= set().union(*sides.values()) and any(self._within(i.date, paired["within_days"]) for i in sided):
+            return others + sided
         return others
+
+    def _sides(self, item: Item, pair_codes: list[dict]) -> set[str]:
+        """The sides a finding names: by its code (M21.371 right), else by its bodySite or its own words."""
+        by_code = {code["side"] for code in pair_codes if self._has_code(item.concept, code)}
+        if by_code:
+            return by_code
+        texts = [fv.concept_display(item.concept)]
+        codes: set[str] = set()
+        for site in _list(item.resource.get("bodySite")) if item.source != ORDER_REASON else []:
+            texts.append(fv.concept_display(site))
+            codes |= {c.get("code") for c in fv.codings(site) if isinstance(c.get("code"), str)}
+        found: set[str] = set()
+        for side, spec in self.criteria["laterality"].items():
+            words = _whole_words(tuple(spec["words"]))
+            if codes & set(spec["codes"]) or any(words.search(text) for text in texts if text):
+                found |= {"right", "left"} if side == "both" else {side}
+        return found
 
     def _has_code(self, concept: dict, code: dict) -> bool:
         wanted = self.codes.groups(code["system"], code["code"])  # normalised comparison through the index
@@ -541,6 +621,8 @@ class _Evaluator:
         for item in items:
             if item.source != "Observation" or item.quantity is None or not self._within(item.date, definition["within_days"]):
                 continue
+            if item.quantity.get("comparator") in ("<", "<="):
+                continue  # "<200 mL" never meets an at-least threshold
             value = self._convert(item.quantity, threshold["unit"])
             if value is not None and value >= threshold["value"]:
                 shown = f"{item.quantity.get('value')} {item.quantity.get('unit') or item.quantity.get('code') or ''}".strip()
@@ -558,10 +640,11 @@ class _Evaluator:
                 unit = "[degF]" if value > units["unitless_temperature_fahrenheit_above"] else "Cel"
             else:
                 unit = target
+        wanted = unit.strip().casefold() if isinstance(unit, str) else None  # "DegF", "CEL": EHRs vary the case
         for name, spec in units.items():
             if not isinstance(spec, dict):
                 continue
-            if unit == name or unit in spec["aliases"]:
+            if wanted in (name.casefold(), *(alias.casefold() for alias in spec["aliases"])):
                 if name == target:
                     return float(value)
                 if spec.get("to") == target:
@@ -573,6 +656,7 @@ class _Evaluator:
         lookback_start = self.today - timedelta(days=definition["lookback_days"])
         intervals = []
         used = []
+        courses: set[tuple] = set()
         for item in items:
             if item.source not in MEDICATION_TYPES or item.date is None or item.date > self.today:
                 continue
@@ -582,9 +666,15 @@ class _Evaluator:
             start, end = max(item.date, lookback_start), item.end or item.date
             if end < start:
                 continue
-            intervals.append((start, end))
+            # the same drug prescribed on the same day for the same supply is one prescription sent twice (an
+            # EHR's copy and an exchange's copy), not an early refill
+            course = (item.source, fv.concept_display(item.concept).casefold(), item.date, end)
+            if course in courses:
+                continue
+            courses.add(course)
+            intervals.append((start, end, item.source == "MedicationRequest"))
             used.append(item)
-        if _covered_days(intervals) >= definition["min_supply_days"]:
+        if _supply_days(intervals) >= definition["min_supply_days"]:
             return [self._to_evidence(i, definition) for i in used]
         return []
 
@@ -682,17 +772,39 @@ def _medication_period(resource: dict, today: date) -> tuple[date | None, date |
     end = fv.period_end(effective_period) or fv.period_end(dosage_bounds)
     if end is None:
         supply = fv.duration_days(dispense.get("expectedSupplyDuration"))
+        if supply is None:
+            dosages = _list(resource.get("dosageInstruction"))
+            supply = fv.supply_days_from_quantity(dispense.get("quantity"), dosages[0] if dosages else None)
         if supply is not None:
             repeats = dispense.get("numberOfRepeatsAllowed")
             fills = 1 + (repeats if isinstance(repeats, int) and repeats > 0 else 0)
             end = fv.add_days(start, supply * fills)
         elif duration is not None:
             end = fv.add_days(start, duration)
+        elif fv.period_end(dispense.get("validityPeriod")) is not None:
+            end = min(fv.period_end(dispense.get("validityPeriod")), today)  # the order's end as some EHRs record it
         elif fv.text(resource.get("status")) in ("active", "on-hold", "intended"):
             end = today
         else:
             end = start
     return start, max(end, start)
+
+
+def _supply_days(intervals: list[tuple[date, date, bool]]) -> int:
+    """Days of supply: prescriptions (True) add up, an early refill starting when the previous supply ends
+    (the usual days-supply count: two overlapping 45-day supplies are 90 days); statements of use (False)
+    count the days they cover that no prescription does (a statement often records the same course)."""
+    shifted: list[tuple[date, date]] = []
+    next_free: date | None = None
+    for start, end, prescribed in sorted(intervals):
+        if not prescribed:
+            continue
+        length = max(end, start + timedelta(days=1)) - start
+        if next_free is not None and start < next_free:
+            start = next_free
+        shifted.append((start, start + length))
+        next_free = start + length
+    return _covered_days(shifted + [(start, end) for start, end, prescribed in intervals if not prescribed])
 
 
 def _covered_days(intervals: list[tuple[date, date]]) -> int:
@@ -710,6 +822,12 @@ def _covered_days(intervals: list[tuple[date, date]]) -> int:
     if current_end is not None:
         total += (current_end - current_start).days
     return total
+
+
+@lru_cache(maxsize=32)
+def _whole_words(words: tuple[str, ...]) -> re.Pattern[str]:
+    """Any of `words` as a whole word, any case (compiled once per list of criteria.yaml)."""
+    return re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
 
 
 def _find_patient(resources: list[dict]) -> dict | None:

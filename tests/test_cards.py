@@ -9,12 +9,9 @@ import re
 import uuid
 
 import pytest
-from fastapi.testclient import TestClient
 from fhir.resources.R4B import get_fhir_model_class
 from markdown_it import MarkdownIt
 
-from cds_service.app import create_app
-from cds_service.settings import Settings
 from scenarios import (
     BREAST_CANCER_HISTORY, CES, CES_DIAGNOSIS, CT_WITHOUT, DRUG_INDUCED_RETENTION, FOOT_DROP_LEFT, FOOT_DROP_RIGHT, HIV, ICD10CM,
     INCOMPLETE, INDICATED, LAMINECTOMY, LONG_TERM_STEROIDS, LOW_BACK_PAIN, LUMBAR_FRACTURE, MRI_LOINC_WITHOUT, MRI_RADLEX_WITHOUT,
@@ -218,14 +215,6 @@ def test_cards_are_ordered_critical_first():
 
 
 # ---- through HTTP: the response body as the EHR receives it ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    database = tmp_path_factory.mktemp("cards") / "audit.db"
-    app = create_app(Settings.from_mapping({"CDS_DATABASE_URL": f"sqlite:///{database}", "CDS_TODAY": TODAY.isoformat()}))
-    with TestClient(app) as test_client:
-        yield test_client
-
-
 def _empty_values(value, path="$"):
     if value is None or value == "" or value == [] or value == {}:
         yield path

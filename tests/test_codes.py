@@ -387,6 +387,25 @@ def test_concept_is_the_union_of_its_codings(index):
     assert index.concept_groups(concept) == {"LBP_EPISODE", "MALIGNANCY"}
 
 
+def test_concept_answers_are_memoised_by_content_never_by_object():
+    index = CodeIndex.load()  # a fresh index: empty memo
+    concept = {"coding": [{"system": CM, "code": "Z85.3", "display": "History of breast cancer"}], "text": "breast lump"}
+    assert index.concept_groups(concept) == {"MALIGNANCY"}
+    concept["coding"][0]["code"] = "I10"  # the same dict, other content: a new answer
+    assert "MALIGNANCY" not in index.concept_groups(concept)
+    copy = {"coding": [{"system": CM, "code": "Z85.3", "display": "History of breast cancer"}], "text": "breast lump"}
+    assert index.concept_groups(copy) == {"MALIGNANCY"}
+    # an exclusion word in a display changes the key too (family history is not a history of cancer)
+    family = {"coding": [{"system": CM, "code": "Z85.3", "display": "Family history of breast cancer"}], "text": "breast lump"}
+    assert index.concept_groups(family) == index._concept_groups(family)
+    # values that cannot be a dictionary key (a list where a string belongs) are answered without the memo
+    odd = {"coding": [{"system": CM, "code": "Z85.3", "display": ["History"]}], "text": {"x": 1}}
+    assert index.concept_groups(odd) == {"MALIGNANCY"}
+    # and every answer equals the unmemoised computation
+    for concept in (copy, family, {"coding": [{}]}, {"text": "ibuprofen 400 mg"}, {"coding": "x", "text": "saddle anaesthesia"}):
+        assert index.concept_groups(concept) == index._concept_groups(concept)
+
+
 @pytest.mark.parametrize(
     "concept, group, expected",
     [
@@ -439,6 +458,11 @@ def test_medication_name_matching(index, concept, group, expected):
     ("Spondylodiscitis L4-L5", "SPINAL_INFECTION"),
     ("Kidney transplant recipient", "TRANSPLANT"),
     ("Microdiscectomy L5-S1 (2019)", "PRIOR_LUMBAR_SURGERY"),
+    ("LBP", "LBP_EPISODE"),
+    ("Lower back pain, mechanical", "LBP_EPISODE"),
+    ("L foot drop", "NEURO_SEVERE_UNILATERAL"),
+    ("Footdrop, right", "NEURO_SEVERE_UNILATERAL"),
+    ("Bilateral foot drop", "CES_BILATERAL_DEFICIT"),
 ])
 def test_findings_with_unlisted_codes_are_matched_by_name(index, text, group):
     """SNOMED CT descendants cannot be expanded here: a finding with an unlisted code is matched by its name."""
@@ -455,9 +479,96 @@ def test_findings_with_unlisted_codes_are_matched_by_name(index, text, group):
     ("HIV negative", "HIV"),
     ("Corneal transplant", "TRANSPLANT"),
     ("Anterior cervical discectomy and fusion", "PRIOR_LUMBAR_SURGERY"),
+    ("Laminectomy, cervical, C4-C5", "PRIOR_LUMBAR_SURGERY"),
+    ("Thoracic laminectomy T10", "PRIOR_LUMBAR_SURGERY"),
+    ("Malignant essential hypertension", "MALIGNANCY"),
+    ("Malignant hyperthermia due to anesthesia", "MALIGNANCY"),
+    ("Neuroleptic malignant syndrome", "MALIGNANCY"),
+    ("Denies intravenous drug use", "IV_DRUG_USE"),
+    ("Patient denies saddle anaesthesia", "CES_SADDLE_ANAESTHESIA"),
+    ("Bilateral foot drop", "NEURO_SEVERE_UNILATERAL"),
+    ("History of foot drop, recovered", "NEURO_SEVERE_UNILATERAL"),
 ])
 def test_name_exclusions_hold(index, text, group):
     assert group not in index.concept_groups({"coding": [{"system": SNOMED, "code": "1234567001", "display": text}]})
+    assert group not in index.concept_groups({"text": text})
+
+
+@pytest.mark.parametrize("text, present, absent", [
+    ("Sciatica R) leg; history of L4/5 microdiscectomy 2015", {"LBP_EPISODE", "PRIOR_LUMBAR_SURGERY"}, set()),
+    ("Saddle anaesthesia. Denies fever.", {"CES_SADDLE_ANAESTHESIA"}, set()),
+    ("No saddle anaesthesia; urinary retention", {"CES_URINARY_RETENTION"}, {"CES_SADDLE_ANAESTHESIA"}),
+    ("History of low back pain, resolved", set(), {"LBP_EPISODE"}),
+])
+def test_an_exclusion_word_stops_the_names_of_its_own_clause_only(index, text, present, absent):
+    groups = index.concept_groups({"text": text})
+    assert present <= groups and not absent & groups
+
+
+@pytest.mark.parametrize("code, display, group", [
+    ("Z15.01", "Genetic susceptibility to malignant neoplasm of breast", "MALIGNANCY"),
+    ("Z40.00", "Encounter for prophylactic surgery for risk factors related to malignant neoplasms", "MALIGNANCY"),
+    ("Z71.7", "Human immunodeficiency virus [HIV] counseling", "HIV"),
+    ("Z76.82", "Awaiting organ transplant status", "TRANSPLANT"),
+])
+def test_an_icd_code_in_no_group_is_not_matched_by_its_title(index, code, display, group):
+    """ICD-10(-CM) membership is fully defined by the rules: a code they leave out is out, whatever its title says."""
+    assert group not in index.concept_groups({"coding": [{"system": CM, "code": code, "display": display}]})
+
+
+@pytest.mark.parametrize("system, code, group", [
+    (CM, "T86.11", "TRANSPLANT"), (CM, "T86.40", "TRANSPLANT"), (WHO, "T86.1", "TRANSPLANT"),
+    (CM, "Z08", "MALIGNANCY"), (WHO, "Z08.9", "MALIGNANCY"),
+    (SNOMED, "228388006", "IV_DRUG_USE"), (SNOMED, "370388006", "IMMUNODEFICIENCY"),
+    (CM, "N39.490", "CES_URINARY_INCONTINENCE"), (CM, "N39.3", "CES_URINARY_INCONTINENCE"), (WHO, "N39.4", "CES_URINARY_INCONTINENCE"),
+])
+def test_codes_that_imply_the_condition(index, system, code, group):
+    assert group in index.groups(system, code)
+
+
+@pytest.mark.parametrize("text, group", [
+    ("Intravenous drug user", "IV_DRUG_USE"), ("Patient immunocompromised", "IMMUNODEFICIENCY"),
+    ("adalimumab 40 MG/0.4ML Prefilled Syringe", "IMMUNOSUPPRESSANT_MEDS"), ("Humira Pen", "IMMUNOSUPPRESSANT_MEDS"),
+])
+def test_names_added_in_the_third_review(index, text, group):
+    assert group in index.concept_groups({"text": text})
+
+
+def test_an_exclusion_in_another_text_of_the_concept_still_applies(index):
+    concept = {"coding": [{"system": SNOMED, "code": "1234567001", "display": "Family history of breast cancer"}], "text": "Breast cancer"}
+    assert "MALIGNANCY" not in index.concept_groups(concept)
+
+
+@pytest.mark.parametrize("coding, text, group", [
+    ({"system": CM, "code": "R33.9"}, "Urinary retention; UTI excluded", "CES_URINARY_RETENTION"),
+    ({"system": CM, "code": "C61"}, "Prostate cancer, bone metastases excluded", "MALIGNANCY"),
+    ({"system": CM, "code": "Z94.0"}, "Kidney transplant (living donor, 2016)", "TRANSPLANT"),
+    ({"system": CM, "code": "B20"}, "HIV disease on PCP prophylaxis", "HIV"),
+    ({"system": CM, "code": "M81.0"}, "Osteoporosis, at risk of falls", "OSTEOPOROSIS"),
+    ({"system": CM, "code": "M54.41"}, "Sciatica; history of L5/S1 disc prolapse", "LBP_EPISODE"),
+])
+def test_exclusion_words_never_remove_a_finding_found_by_code(index, coding, text, group):
+    """A listed code is the record's statement; negation is verificationStatus (filtered before this)."""
+    assert group in index.concept_groups({"coding": [coding], "text": text})
+
+
+def test_medication_exclusion_words_still_stop_code_matches(index):
+    """Route and form words: a topical or inhaled product is not systemic therapy, whatever its code."""
+    prednisone = index.group_codes("SYSTEMIC_CORTICOSTEROIDS")[0]
+    coding = {"system": prednisone["system"], "code": prednisone["code"]}
+    assert "SYSTEMIC_CORTICOSTEROIDS" in index.concept_groups({"coding": [coding]})
+    assert "SYSTEMIC_CORTICOSTEROIDS" not in index.concept_groups({"coding": [coding], "text": "for topical use (cream)"})
+
+
+@pytest.mark.parametrize("display", ["oxycodone hydrochloride 5 MG Oral Tablet", "Norco 5/325", "tapentadol 50 MG Oral Tablet"])
+def test_opioid_analgesics_are_analgesics(index, display):
+    """criteria.md 1.10 #1: an analgesic order or statement is conservative care."""
+    assert "CONSERVATIVE_THERAPY" in index.concept_groups(med(display))
+
+
+@pytest.mark.parametrize("display", ["buprenorphine 8 MG Sublingual Tablet", "methadone hydrochloride 10 MG Oral Tablet"])
+def test_opioid_use_disorder_treatment_is_not_conservative_care(index, display):
+    assert "CONSERVATIVE_THERAPY" not in index.concept_groups(med(display))
 
 
 def test_first_coding_in_returns_the_evidence(index):

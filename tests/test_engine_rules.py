@@ -10,10 +10,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from fastapi.testclient import TestClient
 
-from cds_service.app import create_app
-from cds_service.settings import Settings
 from scenarios import (
     ABNORMAL_REFLEX, ABSENT, ACUTE_RETENTION, ALENDRONATE, ANKYLOSING_SPONDYLITIS, BASAL_CELL_CARCINOMA, BODY_TEMPERATURE,
     BONE_METASTASIS, BPH, BRAIN_MRI, BREAST_CANCER, BREAST_CANCER_HISTORY, CAR_CRASH, CERVICAL_MRI, CES, CES_DIAGNOSIS,
@@ -161,7 +158,12 @@ def test_S_an_empty_order_coding_as_the_sandbox_sends_is_out_of_scope():
     ("C6-paraplegia-incomplete", with_condition(LBP, PARAPLEGIA_INCOMPLETE, 2), CES, "CES-BILATERAL-DEFICIT"),
     ("C6-paraparesis-resolved", with_condition(LBP, SPINAL_PARAPARESIS, 2, status="resolved"), NOT_INDICATED, None),
     ("C6-bilateral-new-foot-drop", with_condition(with_condition(LBP, FOOT_DROP_RIGHT, 3), FOOT_DROP_LEFT, 14), CES, "CES-BILATERAL-DEFICIT"),
-    ("C6-second-foot-drop-old-is-unilateral", with_condition(with_condition(LBP, FOOT_DROP_RIGHT, 3), FOOT_DROP_LEFT, 15), INDICATED, "RF-NEURO-SEVERE"),
+    # the deficit became bilateral when the second side appeared: an old foot drop plus a new one is a new bilateral deficit
+    ("C6-old-foot-drop-then-new-other-side", with_condition(with_condition(LBP, FOOT_DROP_RIGHT, 3), FOOT_DROP_LEFT, 15), CES, "CES-BILATERAL-DEFICIT"),
+    ("C6-bilateral-since-14-days", with_condition(with_condition(LBP, FOOT_DROP_RIGHT, 14), FOOT_DROP_LEFT, 40), CES, "CES-BILATERAL-DEFICIT"),
+    ("C6-bilateral-for-15-days-is-not-new", with_condition(with_condition(LBP, FOOT_DROP_RIGHT, 15), FOOT_DROP_LEFT, 40), INDICATED, "RF-NEURO-SEVERE"),
+    ("C6-new-side-and-a-side-of-unknown-onset", with_condition(with_condition(LBP, FOOT_DROP_RIGHT, 3), FOOT_DROP_LEFT, None), CES, "CES-BILATERAL-DEFICIT"),
+    ("C6-old-side-and-a-side-of-unknown-onset", with_condition(with_condition(LBP, FOOT_DROP_RIGHT, 30), FOOT_DROP_LEFT, None), INDICATED, "RF-NEURO-SEVERE"),
     ("C6-second-foot-drop-refuted", with_condition(with_condition(LBP, FOOT_DROP_RIGHT, 3), FOOT_DROP_LEFT, 2, verification="refuted"), INDICATED, "RF-NEURO-SEVERE"),
     ("C7-pvr-200", with_observation(LBP, PVR, 1, 200, "mL"), CES, "CES-PVR"),
     ("C7-pvr-199", with_observation(LBP, PVR, 1, 199, "mL"), NOT_INDICATED, None),
@@ -298,6 +300,12 @@ def test_C3_drug_induced_retention_card_names_the_drug_cause():
     ("R10-two-courses-cumulative", with_medication(with_medication(LBP, PREDNISONE, 300, status="completed", duration_days=50), PREDNISONE, 100, status="completed", duration_days=40), INDICATED, "RF-FRACTURE-STEROIDS"),
     ("R10-course-mostly-before-lookback", with_medication(LBP, PREDNISONE, 400, status="completed", duration_days=120), NOT_INDICATED, None),
     ("R10-short-burst", with_medication(LBP, PREDNISONE, 20, status="completed", duration_days=5), NOT_INDICATED, None),
+    # prescriptions add up: an early refill starts when the previous supply ends (45 + 45 days, 15 days apart)
+    ("R10-early-refill-adds-up", with_medication(with_medication(LBP, PREDNISONE, 100, status="completed", duration_days=45), PREDNISONE, 70, status="completed", duration_days=45), INDICATED, "RF-FRACTURE-STEROIDS"),
+    # one 45-day prescription sent twice (the EHR's and an exchange's copy, other ids) is 45 days, not 90
+    ("R10-one-prescription-sent-twice", with_medication(with_medication(LBP, PREDNISONE, 100, status="completed", duration_days=45), PREDNISONE, 100, status="completed", duration_days=45), NOT_INDICATED, None),
+    # an order and a statement of the same 60-day course are 60 days, not 120
+    ("R10-order-and-statement-of-one-course", with_medication(with_medication(LBP, PREDNISONE, 100, status="completed", duration_days=60), PREDNISONE, 100, status="completed", duration_days=60, kind="MedicationStatement"), NOT_INDICATED, None),
     ("R10-not-taken", with_medication(LBP, PREDNISONE, 200, status="not-taken", kind="MedicationStatement"), NOT_INDICATED, None),
     ("R10-topical-is-not-systemic", with_medication(LBP, HYDROCORTISONE_CREAM, 300), NOT_INDICATED, None),
     ("R10-long-term-use-code", with_condition(LBP, LONG_TERM_STEROIDS, 900), INDICATED, "RF-FRACTURE-STEROIDS"),
@@ -482,6 +490,16 @@ def test_M1_pregnancy_adds_the_gadolinium_note_to_every_card_type():
         assert "gadolinium" not in without["detail"] and "gadolinium" in pregnant["detail"]
 
 
+@pytest.mark.parametrize("order", [CT_WITHOUT, XRAY], ids=["ct", "xray"])
+def test_M1_in_pregnancy_a_fracture_risk_flag_calls_for_mri_not_ionising_radiation(order):
+    """criteria.md 1.9: in pregnancy, MRI without gadolinium; avoid ionising radiation (CT, radiography)."""
+    card = check(ordering(with_condition(with_condition(LBP, PREGNANCY, 100), OSTEOPOROSIS, 900), order), INDICATED)
+    assert assessment(card)["recommendedProtocol"] == {"modality": "MR", "contrast": "without", "orderMatches": False}
+    assert card["suggestions"][0]["actions"][1]["resource"]["code"]["coding"][0]["code"] == "72148"
+    not_pregnant = check(ordering(with_condition(LBP, OSTEOPOROSIS, 900), order), INDICATED)
+    assert assessment(not_pregnant)["recommendedProtocol"]["orderMatches"] is True
+
+
 def test_M1_a_positive_pregnancy_test_and_lbp_in_pregnancy_count_as_pregnancy():
     test = code("http://loinc.org", "2106-3", "Choriogonadotropin (pregnancy test) [Presence] in Urine")
     positive = with_observation(LBP, test, 5, {"system": SNOMED, "code": "10828004", "display": "Positive"})
@@ -551,6 +569,18 @@ def test_contrast_failed_care_fracture_and_neurological_deficit_call_for_without
     with_contrast = check(ordering(flag, MRI_WITH), INDICATED)
     assert assessment(with_contrast)["recommendedProtocol"] == {"modality": "MR", "contrast": "without", "orderMatches": False}
     assert with_contrast["suggestions"][0]["actions"][1]["resource"]["code"]["coding"][0]["code"] == "72148"
+
+
+@pytest.mark.parametrize("order, matches", [
+    (CT_WITHOUT, True),
+    (code(CPT, "72132", "CT lumbar spine, with contrast"), False),
+    (code(CPT, "72133", "CT lumbar spine, without and with contrast"), False),
+], ids=["ct-without", "ct-with", "ct-without-and-with"])
+def test_a_ct_fits_fracture_risk_only_without_contrast(order, matches):
+    """R6: 'CT w/o or radiography; MRI w/o' (ACR V6): a contrast CT is not what the flag calls for."""
+    card = check(ordering(with_condition(LBP, LUMBAR_FRACTURE, 10), order), INDICATED)
+    expected = {"modality": "CT", "contrast": None, "orderMatches": True} if matches else {"modality": "MR", "contrast": "without", "orderMatches": False}
+    assert assessment(card)["recommendedProtocol"] == expected
 
 
 def test_contrast_the_ordered_without_and_with_mri_matches_for_cancer():
@@ -657,14 +687,6 @@ def test_any_unread_source_turns_the_warning_into_data_incomplete(resource_type)
 
 
 OPERATION_OUTCOME = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "timeout", "diagnostics": "upstream timeout"}]}
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    database = tmp_path_factory.mktemp("rules") / "audit.db"
-    app = create_app(Settings.from_mapping({"CDS_DATABASE_URL": f"sqlite:///{database}", "CDS_TODAY": TODAY.isoformat()}))
-    with TestClient(app) as test_client:
-        yield test_client
 
 
 def post(client, request, service="lumbar-imaging-order-sign"):
@@ -805,7 +827,6 @@ def test_every_enumerated_order_code_is_in_or_out_of_scope(order, in_scope):
 
 # --- findings coded outside the enumerated lists, matched by name (SNOMED CT descendants) -----------------------
 
-from scenarios import adult_with_acute_lbp, card_types, code, evaluate, fact_ids, only_card, with_condition  # noqa: E402
 
 UNLISTED_SNOMED = "http://snomed.info/sct"
 
@@ -827,3 +848,201 @@ def test_an_unlisted_snomed_finding_counts_by_its_name(display, card_type, fact)
 def test_a_named_non_flag_still_gets_the_warning(display):
     vignette = with_condition(adult_with_acute_lbp(days=10), code(UNLISTED_SNOMED, "999999991000119100", display), days_ago=400)
     assert card_types(evaluate(vignette)) == ["imaging-not-indicated"]
+
+
+# -- values written as text -------------------------------------------------------------------------------
+
+from fhir_mappings.fhir_values import quantity_from_text  # noqa: E402
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("38.6 C", {"value": 38.6, "unit": "C"}),
+    ("38.6C", {"value": 38.6, "unit": "C"}),
+    ("101.3 °F", {"value": 101.3, "unit": "°F"}),
+    (" 38,6 ", {"value": 38.6, "unit": None}),
+    ("38.6 deg C", {"value": 38.6, "unit": "deg C"}),
+])
+def test_a_number_written_as_text_is_read_with_its_unit(text, expected):
+    assert quantity_from_text(text) == expected
+
+
+@pytest.mark.parametrize("text", ["Present", "febrile", "", "C 38.6", None, 38.6, ["38.6"], "38.6 C" * 10])
+def test_text_that_is_not_a_number_with_a_short_unit_is_no_quantity(text):
+    assert quantity_from_text(text) is None
+
+
+# -- days of supply from quantity and dose --------------------------------------------------------------------
+
+from fhir_mappings.fhir_values import doses_per_day, supply_days_from_quantity  # noqa: E402
+
+TWO_A_DAY = {"timing": {"repeat": {"frequency": 2, "period": 1, "periodUnit": "d"}},
+             "doseAndRate": [{"doseQuantity": {"value": 1, "unit": "tablet"}}]}
+
+
+def test_a_dispensed_quantity_lasts_quantity_over_daily_dose():
+    assert doses_per_day(TWO_A_DAY) == 2
+    assert supply_days_from_quantity({"value": 10, "unit": "tablet"}, TWO_A_DAY) == 5
+    weekly = {"timing": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "wk"}}, "doseAndRate": [{"doseQuantity": {"value": 2}}]}
+    assert supply_days_from_quantity({"value": 8}, weekly) == 28
+
+
+@pytest.mark.parametrize("quantity, dosage", [
+    ({"value": 10, "unit": "mL"}, TWO_A_DAY),  # units that do not compare
+    ({"value": 0}, TWO_A_DAY),
+    (None, TWO_A_DAY),
+    ({"value": 10}, {"text": "as directed"}),
+    ({"value": 10}, {"timing": {"repeat": {"frequency": 2}}, "doseAndRate": [{"doseQuantity": {"value": 1}}]}),  # no period
+    ({"value": 10}, None),
+])
+def test_no_supply_from_quantity_without_a_computable_daily_dose(quantity, dosage):
+    assert supply_days_from_quantity(quantity, dosage) is None
+
+
+def test_an_open_steroid_order_lasts_as_long_as_its_dispensed_quantity():
+    """R10: a 5-day burst ordered 100 days ago whose order was never closed is not 100 days of steroids."""
+    def burst(resources: list[dict]) -> list[dict]:
+        return modify(resources, "MedicationRequest", lambda r: r.update(
+            dosageInstruction=[TWO_A_DAY], dispenseRequest={"quantity": {"value": 10, "unit": "tablet"}}))
+    check(with_medication(LBP, PREDNISONE, 100), NOT_INDICATED, patch=burst)
+    check(with_medication(LBP, PREDNISONE, 100), INDICATED, "RF-FRACTURE-STEROIDS")  # no quantity: runs to today
+
+
+# -- onset given as an age ----------------------------------------------------------------------------------
+
+from datetime import date  # noqa: E402
+
+from fhir_mappings.fhir_values import date_at_age  # noqa: E402
+
+
+@pytest.mark.parametrize("age, expected", [
+    ({"value": 40, "unit": "a"}, date(2020, 3, 1)),
+    ({"value": 40, "system": "http://unitsofmeasure.org", "code": "a", "unit": "years"}, date(2020, 3, 1)),
+    ({"value": 0}, date(1980, 3, 1)),
+    ({"value": 6, "code": "mo"}, date(1980, 8, 28)),
+    ({"value": -1}, None), ({"value": True}, None), ({"value": "40"}, None), ({"value": 40, "unit": "parsecs"}, None), (None, None),
+])
+def test_an_onset_age_is_the_day_the_patient_reached_it(age, expected):
+    assert date_at_age(date(1980, 3, 1), age) == expected
+
+
+def test_born_on_29_february():
+    assert date_at_age(date(2000, 2, 29), {"value": 1}) == date(2001, 2, 28)
+
+
+def test_a_back_pain_episode_dated_only_by_onset_age():
+    """1.10 #2: episode start = earliest onset[x]; an onsetAge is the day the patient reached that age."""
+    def onset_by_age(age: int):
+        def patch(resources: list[dict]) -> list[dict]:
+            return modify(resources, "Condition", lambda r: (r.pop("onsetDateTime", None), r.update(onsetAge={"value": age, "unit": "a"})))
+        return patch
+    # a 40-year-old: onset at age 40 began on the last birthday (within the year); at 39, more than 42 days ago
+    assert check(adult_with_acute_lbp(days=10, age=40), NOT_INDICATED, patch=onset_by_age(40)) is not None
+    check(with_conservative_care(adult_with_acute_lbp(days=10, age=40), 50), INDICATED, "RF-FAILED-CONSERVATIVE-6W", patch=onset_by_age(39))
+
+
+# -- the order's reasonReference ------------------------------------------------------------------------------
+
+from scenarios import ICD10CM  # noqa: E402
+
+
+def _with_reason_reference(reference: dict, contained: list[dict] | None = None, record_extra: list[dict] = ()) -> list[str]:
+    orders = draft_order_resources(LBP)
+    orders[0]["reasonReference"] = [reference]
+    if contained:
+        orders[0]["contained"] = contained
+    return card_types(evaluate_resources(fhir_record(LBP, TODAY) + list(record_extra), orders))
+
+
+def test_a_contained_reason_is_the_orders_reason():
+    contained = [{"resourceType": "Condition", "id": "r1", "code": {"coding": [{"system": ICD10CM, "code": "G83.4"}]}}]
+    assert _with_reason_reference({"reference": "#r1"}, contained) == [CES]
+
+
+def test_a_reason_known_only_by_its_display_is_matched_by_name():
+    assert _with_reason_reference({"reference": "Condition/not-sent", "display": "Cauda equina syndrome"}) == [CES]
+
+
+def test_a_reason_in_the_record_is_read_with_its_statuses_not_its_display():
+    refuted = {"resourceType": "Condition", "id": "ces-1", "code": {"coding": [{"system": ICD10CM, "code": "G83.4"}]},
+               "verificationStatus": {"coding": [{"code": "entered-in-error"}]}, "subject": {"reference": "Patient/x"}}
+    reference = {"reference": "Condition/ces-1", "display": "Cauda equina syndrome"}
+    assert _with_reason_reference(reference, record_extra=[refuted]) == [NOT_INDICATED]
+
+
+# -- laterality of foot drops (C6 bilateral vs R11 unilateral) ------------------------------------------------
+
+FOOT_DROP_SNOMED = code(SNOMED, "6077001", "Foot drop")
+RIGHT_FOOT = {"coding": [{"system": SNOMED, "code": "7769000", "display": "Right foot"}]}
+LEFT_FOOT = {"coding": [{"system": SNOMED, "code": "22335008", "display": "Left foot"}]}
+
+
+def _foot_drops(*body_sites: list[dict], days: tuple[int, ...] = ()):
+    vignette = LBP
+    for index, _ in enumerate(body_sites):
+        vignette = with_condition(vignette, FOOT_DROP_SNOMED, days[index] if days else 3)
+    sites = iter(body_sites)
+
+    def patch(resources: list[dict]) -> list[dict]:
+        for resource in resources:
+            if resource["resourceType"] == "Condition" and resource["code"]["coding"][0]["code"] == "6077001":
+                site = next(sites)
+                if site:
+                    resource["bodySite"] = site
+        return resources
+    return evaluate(vignette, patch=patch)
+
+
+def test_C6_foot_drops_sided_by_body_site_pair_up():
+    assert card_types(_foot_drops([RIGHT_FOOT], [LEFT_FOOT])) == [CES]
+    assert card_types(_foot_drops([RIGHT_FOOT, LEFT_FOOT])) == [CES]  # one finding, both feet
+    assert card_types(_foot_drops([{"text": "both feet"}])) == [CES]
+
+
+def test_C6_a_foot_drop_of_one_or_unknown_side_stays_unilateral():
+    assert fact_ids(only_card(_foot_drops([RIGHT_FOOT]))) == ["RF-NEURO-SEVERE"]
+    assert fact_ids(only_card(_foot_drops([RIGHT_FOOT], []))) == ["RF-NEURO-SEVERE"]  # the other: side unknown
+    assert card_types(_foot_drops([RIGHT_FOOT], [LEFT_FOOT], days=(40, 30))) == [INDICATED]  # neither side new
+
+
+def test_C6_a_coded_side_pairs_with_a_body_site_side():
+    vignette = with_condition(with_condition(LBP, FOOT_DROP_RIGHT, 3), FOOT_DROP_SNOMED, 5)
+
+    def left(resources: list[dict]) -> list[dict]:
+        return modify(resources, "Condition", lambda r: r.update(bodySite=[LEFT_FOOT]) if r["code"]["coding"][0]["code"] == "6077001" else None)
+    assert card_types(evaluate(vignette, patch=left)) == [CES]
+
+
+@pytest.mark.parametrize("route, expected", [
+    ({"coding": [{"system": SNOMED, "code": "6064005", "display": "Topical route"}]}, NOT_INDICATED),
+    ({"text": "Inhalation"}, NOT_INDICATED),
+    ({"coding": [{"system": SNOMED, "code": "26643006", "display": "Oral route"}]}, INDICATED),
+])
+def test_R10_a_topical_or_inhaled_route_is_no_systemic_steroid(route, expected):
+    def with_route(resources: list[dict]) -> list[dict]:
+        return modify(resources, "MedicationRequest", lambda r: r.update(dosageInstruction=[{"route": route}]))
+    check(with_medication(LBP, PREDNISONE, 200), expected, patch=with_route)
+
+
+def test_no_early_imaging_advice_when_the_age_is_unknown():
+    """'Not indicated' is advice for adults (criteria.md 1.10 #4): a Patient without birthDate gets data-incomplete."""
+    card = check(LBP, INCOMPLETE, patch=lambda resources: modify(resources, "Patient", lambda r: r.pop("birthDate", None)))
+    assert "patient demographics: no birth date, age unknown" in card["detail"]
+    check(with_condition(LBP, PROSTATE_CANCER, 900), INDICATED, "RF-CANCER",
+          patch=lambda resources: modify(resources, "Patient", lambda r: r.pop("birthDate", None)))  # a red flag still decides
+
+
+from fhir_mappings.fhir_values import units_per_day_from_text  # noqa: E402
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Take 1 tablet (5 mg) by mouth once daily", 1), ("1 tab BID", 2), ("two capsules every 8 hours", 6),
+    ("2 tablets q6h", 8), ("1 tablet three times a day", 3), ("half tablet nightly", 0.5),
+    ("take as directed", None), ("1 tablet", None), (None, None),
+])
+def test_tablets_a_day_from_sig_text(text, expected):
+    assert units_per_day_from_text(text) == expected
+
+
+def test_a_quantity_with_a_sig_in_text_gives_the_days_of_supply():
+    assert supply_days_from_quantity({"value": 30, "unit": "tablet"}, {"text": "Take 1 tablet by mouth once daily"}) == 30
+    assert supply_days_from_quantity({"value": 30, "unit": "mL"}, {"text": "1 tab BID"}) is None  # units that do not count

@@ -12,20 +12,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from cds_service.app import create_app
-from cds_service.settings import Settings
-from scenarios import TODAY, VIGNETTE_CARD_IDS, assessment, card_types, hook_request, public_vignettes
+from scenarios import VIGNETTE_CARD_IDS, assessment, card_types, hook_request, public_vignettes
 
 VIGNETTES = public_vignettes()
 SERVICES = {"order-select": "lumbar-imaging-order-select", "order-sign": "lumbar-imaging-order-sign"}
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    database = tmp_path_factory.mktemp("vignettes") / "audit.db"
-    app = create_app(Settings.from_mapping({"CDS_DATABASE_URL": f"sqlite:///{database}", "CDS_TODAY": TODAY.isoformat()}))
-    with TestClient(app) as test_client:
-        yield test_client
 
 
 def post(client: TestClient, vignette: dict, hook: str) -> dict:

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from datetime import date
@@ -73,8 +72,11 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"  store: {settings.database_url}  mode: {settings.mode}  FHIR allow-list: {', '.join(settings.fhir_server_allowlist) or 'loopback only'}")
     if not settings.auth_required:
         print("  WARNING: no CDS_CLIENTS_FILE: any client may call this service without a JWT (development mode)")
+    from .limits import ReadTimeoutProtocol
+
     uvicorn.run(
         "cds_service.asgi:app",
+        http=ReadTimeoutProtocol,  # closes connections that hold a slot without sending a request
         host=args.host,
         port=args.port,
         workers=args.workers,

@@ -4,7 +4,7 @@ Every call to a service that requires authentication carries ``Authorization: Be
 signed by the EHR (the "CDS client") with a private key whose public half we hold or may fetch.
 Checks run in the order of the cds-hooks.org best practices, cheapest and network-free first:
 
-    header sanity (alg, kid, typ) -> iss on our list -> alg allowed for that client -> aud
+    header sanity (no jwk/x5u/x5c/crit/b64, alg, kid, typ) -> iss on our list -> alg allowed for that client -> aud
     -> exp / iat / nbf / lifetime -> jti present -> tenant -> signature (key by kid) -> jti unseen
 
 An unknown ``iss`` or a ``jku`` that is not on the client's list never causes an outbound request.
@@ -14,11 +14,13 @@ Nothing here logs a token or a claim other than ``iss``, ``tenant`` and a short 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import heapq
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +35,14 @@ import yaml
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from jwt.api_jws import PyJWS
 
+from cds_service.http_body import read_capped
 from cds_service.settings import SettingsError
 from cds_service.store import StoreError
 
 log = logging.getLogger("cds_service.auth")
 
 MAX_TOKEN_CHARS = 8192  # a CDS Hooks JWT is well under 2 KB
+LIFETIME_ROUNDING_S = 1  # exp - iat may exceed the configured lifetime by this much (NumericDates rounded apart)
 DEFAULT_ALGORITHMS = ("ES384", "RS384")  # the two the spec recommends
 # alg -> (JWK kty, EC curve or None). Only asymmetric signature algorithms can ever be configured.
 ALGORITHM_KEYS: dict[str, tuple[str, str | None]] = {
@@ -51,6 +55,11 @@ ALGORITHM_KEYS: dict[str, tuple[str, str | None]] = {
     "PS384": ("RSA", None),
 }
 MIN_RSA_BITS = 2048
+# Header parameters a CDS Hooks JWT never needs (RFC 7515 4.1): a key or certificate carried or pointed
+# to by the token itself (keys come from the clients file or an allow-listed jku only, so refusing these
+# keeps any later code from trusting them), "crit" (CDS Hooks defines no extension; PyJWT would accept
+# "b64") and "b64" (RFC 7797 unencoded payloads).
+REFUSED_HEADER_PARAMETERS = ("jwk", "x5u", "x5c", "crit", "b64")
 
 JWKS_TTL_S = 3600.0  # a fetched key set is used this long before it is fetched again
 JWKS_REFETCH_INTERVAL_S = 60.0  # at most one fetch per URL in this interval (unknown kid, failures)
@@ -58,6 +67,11 @@ JWKS_TIMEOUT_S = 3.0
 JWKS_MAX_BYTES = 100_000
 
 REPLAY_CACHE_MAX_ENTRIES = 100_000
+
+# JWS compact serialization (RFC 7515 3.1, 7.1): three base64url parts without padding. PyJWT also takes
+# '=' padding, so one signed token could be sent under several spellings; only this one is accepted.
+# (An empty signature part is let through to be refused with the alg or the signature check.)
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 class AuthError(Exception):
@@ -192,14 +206,10 @@ class JwksFetcher:
         async with self._client.stream("GET", url) as response:
             if response.status_code != 200:
                 raise ValueError(f"HTTP {response.status_code} (redirects are not followed)")
-            if int(response.headers.get("content-length") or 0) > JWKS_MAX_BYTES:
+            body = await read_capped(response, JWKS_MAX_BYTES)
+            if body is None:
                 raise ValueError("JWK Set too large")
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > JWKS_MAX_BYTES:
-                    raise ValueError("JWK Set too large")
-            return bytes(body)
+            return body
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,15 +307,21 @@ class Authenticator:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def authenticate(self, audience_url: str, authorization: str | None) -> AuthenticatedClient | None:
+    async def authenticate(self, audience_url: str, authorization: str | list[str] | None) -> AuthenticatedClient | None:
         """The verified caller; None in open mode (no clients configured: nothing is checked).
 
-        ``audience_url`` is :func:`expected_audience` of the request. Raises :class:`AuthError`.
+        ``audience_url`` is :func:`expected_audience` of the request; ``authorization`` the Authorization header,
+        or every Authorization header of the request (two are ambiguous: a proxy may have checked the other one,
+        so they are refused). Raises :class:`AuthError`.
         """
         if not self.required:
             return None
         seen: dict[str, Any] = {}
         try:
+            if isinstance(authorization, list):
+                if len(authorization) > 1:
+                    raise AuthError("several Authorization headers")
+                authorization = authorization[0] if authorization else None
             client = await self._verify(audience_url, authorization, seen)
         except AuthError as exc:
             log.warning("JWT refused: %s%s", exc.reason, _log_context(seen))
@@ -315,9 +331,11 @@ class Authenticator:
 
     async def _verify(self, audience_url: str, authorization: str | None, seen: dict[str, Any]) -> AuthenticatedClient:
         token = _bearer_token(authorization)
-        header, claims = _unverified_parts(token)  # PyJWT also refuses any "crit" extension here
+        header, claims = _unverified_parts(token)
         seen.update({name: claims.get(name) for name in ("iss", "tenant", "jti")})  # logged if strings
 
+        if any(name in header for name in REFUSED_HEADER_PARAMETERS):
+            raise AuthError("unsupported header parameter")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg.lower() == "none" or alg.upper().startswith("HS"):
             raise AuthError("forbidden alg")
@@ -339,8 +357,14 @@ class Authenticator:
 
         if "aud" not in claims:
             raise AuthError("missing aud")
-        audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
-        if _trim_slash(audience_url) not in [_trim_slash(a) for a in audiences if isinstance(a, str)]:
+        # CDS Hooks: aud is the endpoint called, a string or a one-element array. A token for several
+        # audiences could be replayed to us by any of the others, so an array of more is refused. The
+        # comparison is exact (RFC 7519 section 2: StringOrURI values are compared as case-sensitive
+        # strings with no transformations or canonicalizations), a trailing slash included.
+        audience = claims["aud"]
+        if isinstance(audience, list) and len(audience) == 1:
+            audience = audience[0]
+        if not isinstance(audience, str) or audience != audience_url:
             raise AuthError("aud mismatch")
 
         self._check_times(claims, client)
@@ -349,9 +373,8 @@ class Authenticator:
         if not isinstance(jti, str) or not jti:
             raise AuthError("missing jti")
 
-        tenant = claims.get("tenant")
-        if tenant is not None and not isinstance(tenant, str):
-            raise AuthError("tenant is not a string")
+        _optional_string(claims, "sub")  # not a CDS Hooks 2.0 claim (Epic sends its client id): ignored, but a string
+        tenant = _optional_string(claims, "tenant")
         if client.tenants is not None and tenant not in client.tenants:
             raise AuthError("tenant not allowed")
 
@@ -369,25 +392,21 @@ class Authenticator:
 
     def _check_times(self, claims: dict[str, Any], client: ClientConfig) -> None:
         now, skew = self._clock(), self._skew_s
-        exp, iat, nbf = (claims.get(name) for name in ("exp", "iat", "nbf"))
-        if exp is None:
-            raise AuthError("missing exp")
-        if not _is_time(exp):
-            raise AuthError("exp is not a number")
+        exp = _time_claim(claims, "exp")
         if now > exp + skew:
             raise AuthError("expired")
-        if iat is None:
-            raise AuthError("missing iat")
-        if not _is_time(iat):
-            raise AuthError("iat is not a number")
+        iat = _time_claim(claims, "iat")
         if iat > now + skew:
             raise AuthError("iat in the future")
         if exp < iat:
             raise AuthError("exp before iat")
         max_lifetime = client.max_lifetime_s if client.max_lifetime_s is not None else self._max_lifetime_s
-        if exp - iat > max_lifetime + skew:
+        # exp and iat both come from the issuer's clock: the skew between its clock and ours does not lengthen
+        # the lifetime. One second is allowed for an issuer that rounds the two NumericDates apart.
+        if exp - iat > max_lifetime + LIFETIME_ROUNDING_S:
             raise AuthError("lifetime too long")
-        if nbf is not None and (not _is_time(nbf) or nbf > now + skew):
+        nbf = claims.get("nbf")
+        if "nbf" in claims and (not _is_time(nbf) or nbf > now + skew):
             raise AuthError("not yet valid (nbf)")
 
     async def _find_key(self, client: ClientConfig, header: dict[str, Any], kid: str) -> VerificationKey:
@@ -416,22 +435,78 @@ def _bearer_token(authorization: str | None) -> str:
 
 def _unverified_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Header and claims, before any signature check: used only to decide, never trusted alone."""
+    if not _COMPACT_JWS.fullmatch(token):  # no padding, no '+' or '/', no blanks, exactly three parts
+        raise AuthError("malformed token")
     try:
-        parts = PyJWS().decode_complete(token, options={"verify_signature": False})
-        claims = json.loads(parts["payload"])
+        PyJWS().decode_complete(token, options={"verify_signature": False})  # also refuses unknown "crit" and b64=false
     except (jwt.InvalidTokenError, ValueError, TypeError):
         raise AuthError("malformed token") from None
-    if not isinstance(claims, dict):
+    header, claims, _ = token.split(".")
+    return _json_object(header), _json_object(claims)
+
+
+def _json_object(segment: str) -> dict[str, Any]:
+    """A header or claims segment: base64url of a JSON object in UTF-8 (RFC 7515 and 7519), parsed here
+    rather than by json.loads(bytes), which would also take UTF-16 or UTF-32. Nesting deeper than the
+    parser's recursion limit is a malformed token, not a RecursionError (a 500).
+
+    A member name twice, at any depth, is refused (RFC 7515 section 4, RFC 7519 section 4 allow either
+    that or "the last one wins"; another parser that keeps the first would read another alg, aud or iss)."""
+    try:
+        text = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)).decode("utf-8")
+        value = json.loads(text, object_pairs_hook=_object_without_duplicates)
+    except _DuplicateMember:
+        raise AuthError("duplicate JSON member") from None
+    except (ValueError, RecursionError):  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise AuthError("malformed token") from None
+    if not isinstance(value, dict):
         raise AuthError("malformed token")
-    return parts["header"], claims
+    return value
+
+
+class _DuplicateMember(ValueError):
+    pass
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in obj:
+            raise _DuplicateMember(name)
+        obj[name] = value
+    return obj
+
+
+def _optional_string(claims: dict[str, Any], name: str) -> str | None:
+    """An optional claim: absent, or a non-empty string (not null, a number, an object or "")."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if not isinstance(value, str):
+        raise AuthError(f"{name} is not a string")
+    if not value:
+        raise AuthError(f"{name} is empty")
+    return value
 
 
 def _is_time(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A usable NumericDate: a finite JSON number (an integer too large for a float is not one)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a 400-digit integer: math.isfinite cannot convert it
+        return False
 
 
-def _trim_slash(url: str) -> str:
-    return url[:-1] if url.endswith("/") else url
+def _time_claim(claims: dict[str, Any], name: str) -> float:
+    """A required NumericDate claim (exp, iat)."""
+    value = claims.get(name)
+    if value is None:
+        raise AuthError(f"missing {name}")
+    if not _is_time(value):
+        raise AuthError(f"{name} is not a number")
+    return value
 
 
 def _one_line(text: str, limit: int = 120) -> str:

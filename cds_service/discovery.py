@@ -36,13 +36,9 @@ class Service:
     usage_requirements: str | None = None
 
     def discovery_entry(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "hook": self.hook,
-            "id": self.id,
-            "title": self.title,
-            "description": self.description,
-            "prefetch": dict(self.prefetch),
-        }
+        entry: dict[str, Any] = {"hook": self.hook, "id": self.id, "title": self.title, "description": self.description}
+        if self.prefetch:  # OPTIONAL: omitted rather than {} (CDS Hooks 2.0 "Use of JSON")
+            entry["prefetch"] = dict(self.prefetch)
         if self.usage_requirements:
             entry["usageRequirements"] = self.usage_requirements
         return entry
@@ -64,11 +60,15 @@ def load_services(codes: CodeIndex, path: Path = SERVICES_FILE) -> dict[str, Ser
             check_template(hook, key, template)
         if raw["id"] in services or not re.fullmatch(r"[A-Za-z0-9._~-]+", raw["id"]):
             raise ValueError(f"services.yaml: service id {raw['id']!r} is duplicated or not URL-safe")
+        texts = {name: " ".join(str(raw.get(name) or "").split()) for name in ("title", "description")}
+        for name, text in texts.items():
+            if not text:  # description is REQUIRED, title RECOMMENDED; an empty string is never sent (2.0 "Use of JSON")
+                raise ValueError(f"services.yaml: service {raw['id']!r} needs a non-empty {name}")
         services[raw["id"]] = Service(
             id=raw["id"],
             hook=hook,
-            title=raw["title"],
-            description=" ".join(raw["description"].split()),
+            title=texts["title"],
+            description=texts["description"],
             prefetch=prefetch,
             usage_requirements=" ".join(raw["usageRequirements"].split()) if raw.get("usageRequirements") else None,
         )

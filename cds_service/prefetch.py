@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 from .discovery import Service, fill_template
-from .fhir_client import FhirClient
+from .fhir_client import FhirClient, read_bundle
 from .protocol import HookRequest
 
 log = logging.getLogger("cds_service.prefetch")
@@ -108,28 +108,11 @@ def _unpack(value: Any) -> tuple[list[dict], str | None, str | None]:
     if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
         return [], "prefetch value is not a FHIR resource", None
     if value["resourceType"] == "OperationOutcome":
-        return [], f"OperationOutcome{_issue_code(value)}", None
+        return [], _outcome_error(value), None
     if value["resourceType"] != "Bundle":
         return [value], None, None
-    resources: list[dict] = []
-    error = None
-    entries = value.get("entry")
-    for entry in entries if isinstance(entries, list) else []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            error = "malformed Bundle entry"  # garbage is unreadable data, never "no data"
-            continue
-        if resource["resourceType"] == "OperationOutcome":
-            if _is_error(resource):
-                error = f"OperationOutcome{_issue_code(resource)}"
-            continue
-        resources.append(resource)
-    next_url = None
-    links = value.get("link")
-    for link in links if isinstance(links, list) else []:
-        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-            next_url = link["url"]
-    return resources, error, next_url
+    resources, errors, next_url = read_bundle(value, "malformed Bundle entry", _outcome_error)
+    return resources, errors[-1] if errors else None, next_url  # the last bad entry names the error
 
 
 def _add(data: PatientData, seen: set[tuple[str, str]], resources: list[dict]) -> None:
@@ -144,16 +127,12 @@ def _add(data: PatientData, seen: set[tuple[str, str]], resources: list[dict]) -
         data.resources.append(resource)
 
 
-def _is_error(outcome: dict) -> bool:
-    issues = outcome.get("issue")
-    return any(isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in (issues if isinstance(issues, list) else []))
-
-
-def _issue_code(outcome: dict) -> str:
+def _outcome_error(outcome: dict) -> str:
+    """'OperationOutcome: <code>' of its first issue, or 'OperationOutcome'."""
     issues = outcome.get("issue")
     if isinstance(issues, list) and issues and isinstance(issues[0], dict) and isinstance(issues[0].get("code"), str):
-        return f": {issues[0]['code']}"
-    return ""
+        return f"OperationOutcome: {issues[0]['code']}"
+    return "OperationOutcome"
 
 
 def _relative_to(base: str | None, url: str) -> str | None:

@@ -172,9 +172,49 @@ def parse_hook_request(body: bytes, service_hook: str) -> HookRequest:
         access_token=access_token,
         patient_id=context["patientId"].strip(),
         user_id=context.get("userId"),
-        selections=tuple(selections) if selections is not None else None,
+        selections=resolve_selections(selections, draft_orders) if selections is not None else None,
         draft_orders=draft_orders,
     )
+
+
+# `Type/id` at the end of a FHIR reference: after a base URL, before `/_history/version`.
+_RELATIVE_REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63}/[A-Za-z0-9.-]{1,64})(?:/_history/[A-Za-z0-9.-]{1,64})?$")
+
+
+def resolve_selections(selections: list[str], draft_orders: dict) -> tuple[str, ...]:
+    """The selections, plus every name of each draft order they select (order-select §selections).
+
+    The hook asks for `Type/id` references, but a selection may reach the service as an absolute
+    reference (`{fhirServer}/ServiceRequest/1`), a versioned one (`.../_history/2`) or a `urn:uuid`
+    that is an entry's `fullUrl`, and an entry may carry its identity only in `fullUrl`. A selection
+    names an entry when they share a name (the reference itself, its `Type/id` part, the entry's
+    `fullUrl` or `resourceType/id`); the entry's `Type/id` and `fullUrl` are then added, so the engine,
+    which matches on those, advises on the selected orders only. Unmatched selections are kept as sent."""
+    resolved = list(dict.fromkeys(selections))
+    known = set(resolved)
+    wanted = set(resolved)
+    for selection in resolved:
+        if match := _RELATIVE_REFERENCE.search(selection):
+            wanted.add(match.group(1))
+    entries = draft_orders.get("entry")
+    for entry in entries if isinstance(entries, list) else ():
+        if not isinstance(entry, dict):
+            continue
+        names = []
+        full_url = entry.get("fullUrl")
+        if isinstance(full_url, str) and full_url:
+            names.append(full_url)
+            if match := _RELATIVE_REFERENCE.search(full_url):
+                names.append(match.group(1))
+        resource = entry.get("resource")
+        if isinstance(resource, dict) and isinstance(resource.get("resourceType"), str) and isinstance(resource.get("id"), str) and resource["id"]:
+            names.append(f"{resource['resourceType']}/{resource['id']}")
+        if wanted.intersection(names):
+            for name in names:
+                if name not in known:
+                    known.add(name)
+                    resolved.append(name)
+    return tuple(resolved)
 
 
 def _decode_hook_request(body: bytes) -> dict:
@@ -210,9 +250,10 @@ def parse_feedback(body: bytes) -> list[dict]:
         outcome = _required(item, "outcome", str, where)
         if outcome not in FEEDBACK_OUTCOMES:
             raise ProtocolError(400, f"'{where}.outcome' must be 'accepted' or 'overridden', not {outcome!r}.", f"{where}.outcome")
-        timestamp = _required(item, "outcomeTimestamp", str, where)
+        timestamp = _required(item, "outcomeTimestamp", str, where).upper()  # RFC 3339 §5.6: "t" and "z" may be lower case
         if not _looks_like_datetime(timestamp):
             raise ProtocolError(400, f"'{where}.outcomeTimestamp' must be an ISO 8601 date-time.", f"{where}.outcomeTimestamp")
+        item["outcomeTimestamp"] = timestamp  # one spelling per instant: the store's idempotency key reads it
         accepted = item.get("acceptedSuggestions")
         if outcome == "accepted":
             if not isinstance(accepted, list) or not accepted:

@@ -243,3 +243,29 @@ def test_good_service_definitions_load(tmp_path):
     services = load_services(Knowledge.load().codes, path)
     assert list(services) == ["first", "second"]
     assert services["first"].prefetch["other"] == "Condition?patient={{context.patientId}}"
+
+
+def test_a_service_without_prefetch_publishes_no_empty_prefetch_object(tmp_path):
+    """GEN-02: `prefetch` is OPTIONAL; a service with no templates omits it instead of sending {}."""
+    from cds_service.discovery import load_services
+    from fhir_mappings.knowledge import Knowledge
+
+    path = tmp_path / "services.yaml"
+    path.write_text(SERVICE_YAML.format(id="first", hook="order-select", template="Condition?patient={{context.patientId}}"), encoding="utf-8")
+    entry = load_services(Knowledge.load().codes, path)["second"].discovery_entry()
+    assert entry == {"hook": "order-sign", "id": "second", "title": "t", "description": "d"}
+
+
+@pytest.mark.parametrize("field, value", [("description", "' '"), ("title", "''")])
+def test_blank_discovery_texts_fail_at_start_up(tmp_path, field, value):
+    """DISC-04, GEN-02: description is REQUIRED and title RECOMMENDED; neither may be an empty string."""
+    from cds_service.discovery import load_services
+    from fhir_mappings.knowledge import Knowledge
+
+    text = SERVICE_YAML.format(id="first", hook="order-select", template="Condition?patient={{context.patientId}}")
+    head, _, tail = text.partition("  - id: second")
+    tail = tail.replace(f"    {field}: {field[0]}\n", f"    {field}: {value}\n")
+    path = tmp_path / "services.yaml"
+    path.write_text(head + "  - id: second" + tail, encoding="utf-8")
+    with pytest.raises(ValueError, match=field):
+        load_services(Knowledge.load().codes, path)

@@ -446,6 +446,7 @@ FEEDBACK = {
     "overridden without a reason": ({"card": "c1", "outcome": "overridden", "outcomeTimestamp": "2026-03-15T10:00:00+01:00"}, True),
     "accepted": ({"card": "c1", "outcome": "accepted", "outcomeTimestamp": "2026-03-15T10:00:00.123456789Z",
                   "acceptedSuggestions": [{"id": "s1"}]}, True),
+    "lower-case t and z (RFC 3339 5.6)": ({"card": "c1", "outcome": "overridden", "outcomeTimestamp": "2026-03-15t10:00:00z"}, True),
     "29 February of a leap year": ({"card": "c1", "outcome": "overridden", "outcomeTimestamp": "2024-02-29T10:00Z"}, True),
     "29 February of another year": ({"card": "c1", "outcome": "overridden", "outcomeTimestamp": "2025-02-29T10:00Z"}, False),
     "accepted without suggestions": ({"card": "c1", "outcome": "accepted", "outcomeTimestamp": "2026-03-15T10:00:00Z"}, False),

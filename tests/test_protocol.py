@@ -7,7 +7,6 @@ public vignettes (cds_service.vignettes) and the recorded sandbox calls (server_
 
 from __future__ import annotations
 
-import copy
 import json
 from datetime import date
 from typing import Any, Iterator

@@ -22,10 +22,13 @@ import json
 import logging
 import re
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 import httpx
+
+from .http_body import read_capped
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -111,47 +114,61 @@ def _is_read(query: str) -> bool:
     return len(segments) == 2 and not segments[1].startswith(("_", "$"))
 
 
-def _outcome_error(outcome: dict) -> str | None:
-    """'OperationOutcome: <code>' when the outcome has an error or fatal issue, else None."""
+def _outcome_error(outcome: dict) -> str:
+    """'OperationOutcome: <code>' of its first error or fatal issue (a code safe to log), else 'OperationOutcome'."""
+    errors = _error_issues(outcome)
+    code = errors[0].get("code") if errors else None
+    return f"OperationOutcome: {code}" if isinstance(code, str) and re.fullmatch(r"[a-z-]{1,40}", code) else "OperationOutcome"
+
+
+def _error_issues(outcome: dict) -> list[dict]:
     issues = outcome.get("issue")
     issues = [i for i in issues if isinstance(i, dict)] if isinstance(issues, list) else []
-    errors = [i for i in issues if i.get("severity") in ("error", "fatal")]
-    if not errors:
-        return None
-    code = errors[0].get("code")
-    return f"OperationOutcome: {code}" if isinstance(code, str) and re.fullmatch(r"[a-z-]{1,40}", code) else "OperationOutcome"
+    return [i for i in issues if i.get("severity") in ("error", "fatal")]
+
+
+def read_bundle(bundle: dict, malformed: str, outcome_error: Callable[[dict], str]) -> tuple[list[dict], list[str], str | None]:
+    """(resources, errors, next link) of a Bundle, the one reader of both searchset pages and prefetched
+    Bundles: the entries' resources but the OperationOutcomes (search.mode "outcome"); in entry order, an
+    error per entry that holds no resource (`malformed`: garbage is unreadable data, never "no data") and
+    per OperationOutcome entry with an error or fatal issue (`outcome_error(outcome)`); its last `next` link."""
+    resources: list[dict] = []
+    errors: list[str] = []
+    entries = bundle.get("entry")
+    for entry in entries if isinstance(entries, list) else []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            errors.append(malformed)
+        elif resource["resourceType"] == "OperationOutcome":
+            if _error_issues(resource):
+                errors.append(outcome_error(resource))
+        else:
+            resources.append(resource)
+    next_url = None
+    links = bundle.get("link")
+    for link in links if isinstance(links, list) else []:
+        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            next_url = link["url"]
+    return resources, errors, next_url
 
 
 def _read_result(body: dict, query: str) -> dict:
     if body["resourceType"] == "OperationOutcome":
-        raise _Failed(_outcome_error(body) or "OperationOutcome")
+        raise _Failed(_outcome_error(body))
     if body["resourceType"] != _query_type(query):
         raise _Failed("unexpected resource type")
     return body
 
 
 def _search_page(body: dict) -> tuple[list[dict], str | None]:
-    """(resources, next link) of one searchset page; fails on an OperationOutcome."""
+    """(resources, next link) of one searchset page; fails on an OperationOutcome or the first bad entry."""
     if body["resourceType"] == "OperationOutcome":
-        raise _Failed(_outcome_error(body) or "OperationOutcome")
+        raise _Failed(_outcome_error(body))
     if body["resourceType"] != "Bundle" or body.get("type") != "searchset":
         raise _Failed("not a searchset Bundle")
-    resources = []
-    entries = body.get("entry")
-    for entry in entries if isinstance(entries, list) else []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            raise _Failed("malformed searchset entry")  # garbage is unreadable data, never "no data"
-        if resource["resourceType"] == "OperationOutcome":  # search.mode "outcome"
-            if error := _outcome_error(resource):
-                raise _Failed(error)
-            continue
-        resources.append(resource)
-    next_url = None
-    links = body.get("link")
-    for link in links if isinstance(links, list) else []:
-        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-            next_url = link["url"]
+    resources, errors, next_url = read_bundle(body, "malformed searchset entry", _outcome_error)
+    if errors:
+        raise _Failed(errors[0])
     return resources, next_url
 
 
@@ -163,13 +180,32 @@ class FhirClient:
         httpx_log = logging.getLogger("httpx")
         if httpx_log.level == logging.NOTSET:
             httpx_log.setLevel(logging.WARNING)
-        self._client = httpx.AsyncClient(
-            transport=transport,
+        self._transport = transport  # injected by tests (a MockTransport); never closed here
+        self._ssl = httpx.create_ssl_context()  # built once: a client per hook call is then cheap
+
+    @asynccontextmanager
+    async def _call_client(self) -> AsyncIterator[httpx.AsyncClient]:
+        """A connection pool for one hook call, closed when the call ends (quickly: a hanging server's
+        connection is not waited for). One pool for every call would let one hanging FHIR server hold
+        connections other calls wait for, and httpcore 1.0 can leave a cancelled request's connection in a
+        shared pool for good (encode/httpcore#1093). An injected transport (tests) is left open."""
+        client = httpx.AsyncClient(
+            transport=self._transport,
+            verify=self._ssl,
             follow_redirects=False,
-            timeout=httpx.Timeout(settings.fhir_timeout_s),
-            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10, keepalive_expiry=30),
+            timeout=httpx.Timeout(self.settings.fhir_timeout_s),
+            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
             trust_env=False,  # no proxies or .netrc credentials from the environment on token-bearing calls
         )
+        try:
+            yield client
+        finally:
+            if self._transport is None:
+                try:
+                    async with asyncio.timeout(CANCEL_GRACE_S):
+                        await client.aclose()
+                except Exception:  # noqa: BLE001 - a close that fails or times out must not fail the hook call
+                    log.debug("fhir client pool not closed cleanly")
 
     def is_allowed(self, url: str, extra_prefixes: Sequence[str] = ()) -> bool:
         place = _place(url)
@@ -199,15 +235,16 @@ class FhirClient:
             headers["Authorization"] = f"Bearer {access_token}"
         started = time.monotonic()
         progress = {key: _Progress() for key in queries}
-        tasks = {
-            key: asyncio.create_task(self._fetch_one(key, fhir_server, query, headers, extra_prefixes, progress[key]))
-            for key, query in queries.items()
-        }
-        _, pending = await asyncio.wait(tasks.values(), timeout=self.settings.fhir_deadline_s)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=CANCEL_GRACE_S)
+        async with self._call_client() as client:
+            tasks = {
+                key: asyncio.create_task(self._fetch_one(client, key, fhir_server, query, headers, extra_prefixes, progress[key]))
+                for key, query in queries.items()
+            }
+            _, pending = await asyncio.wait(tasks.values(), timeout=self.settings.fhir_deadline_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=CANCEL_GRACE_S)
 
         results = {}
         for key, task in tasks.items():
@@ -217,11 +254,17 @@ class FhirClient:
                 results[key] = task.result()
         return results
 
+    async def get_json(self, url: str, headers: dict[str, str]) -> dict:
+        """One GET outside a hook call (the retrospective audit's paging), with its own short-lived pool."""
+        async with self._call_client() as client:
+            return await self._get_json(client, url, headers)
+
     async def aclose(self) -> None:
-        await self._client.aclose()
+        """Nothing to close: each hook call closes its own pool."""
 
     async def _fetch_one(
         self,
+        client: httpx.AsyncClient,
         key: str,
         fhir_server: str,
         query: str,
@@ -231,7 +274,7 @@ class FhirClient:
     ) -> QueryResult:
         started = time.monotonic()
         try:
-            await self._fetch_pages(fhir_server, query, headers, extra_prefixes, progress)
+            await self._fetch_pages(client, fhir_server, query, headers, extra_prefixes, progress)
             error = None
         except _Failed as failure:
             error = failure.reason
@@ -243,6 +286,7 @@ class FhirClient:
 
     async def _fetch_pages(
         self,
+        client: httpx.AsyncClient,
         fhir_server: str,
         query: str,
         headers: dict[str, str],
@@ -256,7 +300,7 @@ class FhirClient:
             raise _Failed("server not allowed")  # e.g. a query with ../ that leaves the server's base path
 
         if _is_read(query):
-            body = await self._get_json(url, headers)
+            body = await self._get_json(client, url, headers)
             progress.resources.append(_read_result(body, query))
             progress.pages = 1
             return
@@ -264,7 +308,7 @@ class FhirClient:
         seen = set()
         while True:
             seen.add(str(httpx.URL(url)))
-            resources, next_url = _search_page(await self._get_json(url, headers))
+            resources, next_url = _search_page(await self._get_json(client, url, headers))
             progress.resources.extend(resources)
             progress.pages += 1
             if next_url is None:
@@ -279,20 +323,14 @@ class FhirClient:
                 raise _Failed("too many pages")
             url = next_url
 
-    async def _get_json(self, url: str, headers: dict[str, str]) -> dict:
-        limit = self.settings.fhir_max_response_bytes
+    async def _get_json(self, client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> dict:
         async with asyncio.timeout(self.settings.fhir_timeout_s):
-            async with self._client.stream("GET", url, headers=headers) as response:
+            async with client.stream("GET", url, headers=headers) as response:
                 if response.status_code != 200:
                     raise _Failed(f"HTTP {response.status_code}")
-                declared = response.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > limit:
+                body = await read_capped(response, self.settings.fhir_max_response_bytes)
+                if body is None:
                     raise _Failed("response too large")
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > limit:
-                        raise _Failed("response too large")
         try:
             data: Any = json.loads(body)
         except (ValueError, RecursionError):

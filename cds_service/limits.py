@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .protocol import encode, operation_outcome
 
@@ -107,3 +108,57 @@ class ErrorContainment:
             log.error("unexpected %s on %s %s", type(exc).__name__, scope.get("method"), scope.get("path"))
             if not response.started:
                 await _send_json(send, 500, operation_outcome("Internal error; the request was not processed.", code="exception"))
+
+
+# -- slow and idle connections ------------------------------------------------------------------------------
+
+HEADER_TIMEOUT_S = 5.0  # a connection must send its request headers within this (uvicorn's keep-alive is 5 s too)
+BODY_TIMEOUT_S = 30.0  # ... and the whole body within this after the headers (5 MB at a slow 170 KB/s)
+
+
+class ReadTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with request read timeouts, for `python -m cds_service serve`.
+
+    uvicorn counts every open connection against limit_concurrency but times a connection out only after a
+    response: 200 sockets that send nothing (or half a request) would hold every slot and make all other
+    callers' answers 503 for as long as they stay open. Here a connection that has not sent its headers within
+    HEADER_TIMEOUT_S, or its body within BODY_TIMEOUT_S of them, is closed. (A reverse proxy with header and
+    body timeouts is still the production set-up.)"""
+
+    _read_timer = None
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._read_timer = self.loop.call_later(seconds, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _too_slow(self) -> None:
+        self._read_timer = None
+        if not self.transport.is_closing():
+            log.info("connection closed: request not received within the read timeout")
+            self.transport.close()
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(HEADER_TIMEOUT_S)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._read_timer is None:  # the next request on a kept-alive connection
+            self._arm(HEADER_TIMEOUT_S)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._arm(BODY_TIMEOUT_S)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._disarm()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)

@@ -15,15 +15,12 @@ locally and fails when CI is set. Mark such tests ``@pytest.mark.browser``.
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ContextManager
 
 import pytest
-import uvicorn
+
+from server_support import serve_in_thread
 
 CHROMIUM_PATH = os.environ.get("CDS_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -53,28 +50,10 @@ def launch_chromium(playwright: Any, **options: Any) -> Any:
     return playwright.chromium.launch(executable_path=CHROMIUM_PATH, args=CHROMIUM_ARGS, headless=True, **options)
 
 
-@contextmanager
-def serve_app_on_loopback(app: Any, *, startup_timeout_s: float = 10.0) -> Iterator[str]:
-    """Run ``app`` with uvicorn on 127.0.0.1 (a free port) in a background thread; yields the
-    base URL (http://127.0.0.1:PORT) and stops the server on exit."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-loopback", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + startup_timeout_s
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start on loopback")
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+def serve_app_on_loopback(app: Any, *, startup_timeout_s: float = 10.0) -> ContextManager[str]:
+    """Run ``app`` with uvicorn on 127.0.0.1 (a free port) in a background thread, quietly (warnings
+    only, no access log); yields the base URL (http://127.0.0.1:PORT) and stops the server on exit."""
+    return serve_in_thread(app, startup_timeout_s=startup_timeout_s, log_level="warning", access_log=False)
 
 
 def screenshot_path(name: str) -> Path:

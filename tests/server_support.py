@@ -12,6 +12,10 @@ variables. It waits until GET /healthz answers 200, yields the base URL (a ``str
 attributes ``process``, ``port`` and ``log_text()``), and stops the process on exit (SIGTERM,
 then SIGKILL after a grace period). Output goes to a file, never to a pipe that could fill up.
 
+`serve_in_thread` runs an app object under uvicorn in a thread of the test process instead (its
+logs reach caplog; the browser tests use it through browser_support). `fhir_server_or_skip` starts the test FHIR server (tests/fhir_server) for one test or fixture, or
+skips it where the server's node packages are not installed (a failure in CI).
+
 Also here, for the in-process tests: `app_settings` (Settings for create_app with a temp SQLite
 database and CDS_TODAY), the public vignettes, the CDS Hooks sandbox's recorded order-select calls,
 and `FakeFhir`, an EHR FHIR server behind httpx.MockTransport that records every request.
@@ -23,12 +27,17 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Mapping
 
 import httpx
+import pytest
+import uvicorn
+
+from fhir_server import launcher
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TODAY = "2025-03-01"
@@ -95,7 +104,7 @@ def live_server(
             )
             url = LiveServerURL(f"http://127.0.0.1:{port}")
             url.process, url.port, url._log = process, port, log
-            if _wait_healthy(url, process, startup_timeout_s):
+            if wait_healthy(url, process, startup_timeout_s):
                 break
             _stop(process)
             process = None
@@ -108,7 +117,8 @@ def live_server(
         log.close()
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float) -> bool:
+def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 30.0) -> bool:
+    """True once GET url/healthz answers 200; False if the process exits or the time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -131,6 +141,40 @@ def _stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=STOP_TIMEOUT_S)
+
+
+@contextmanager
+def serve_in_thread(app: Any, *, startup_timeout_s: float = 10.0, **config: Any) -> Iterator[str]:
+    """Run ``app`` with uvicorn on 127.0.0.1 (a free port) in a daemon thread, ``config`` passed to
+    uvicorn.Config; yields the base URL (http://127.0.0.1:PORT) and stops the server on exit."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-loopback", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start on loopback")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+@contextmanager
+def fhir_server_or_skip(token: str | None = None) -> Iterator[launcher.FhirServerProcess]:
+    """A test FHIR server of its own (``start_fhir_server``), its token required when given; the test
+    skipped when launcher.skip_reason() has a reason (never in CI: starting then fails loudly)."""
+    if reason := launcher.skip_reason():
+        pytest.skip(reason)
+    with launcher.start_fhir_server(token=token) as server:
+        yield server
 
 
 # --- in-process: settings for create_app, and the request shapes the tests replay ----------------

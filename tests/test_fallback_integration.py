@@ -17,24 +17,22 @@ import asyncio
 import json
 import logging
 import socket
-import threading
 import time
 import uuid
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from cds_service import vignettes
 from cds_service.app import create_app
 from cds_service.settings import Settings
-from fhir_server import launcher
-from fhir_server.launcher import load_bundle, start_fhir_server
+from fhir_server.launcher import load_bundle
+from server_support import fhir_server_or_skip, serve_in_thread
 
 TODAY = date(2026, 11, 21)
 DATA = Path(__file__).parent / "data"
@@ -174,30 +172,22 @@ def service(tmp_dir: Path, transport: httpx.AsyncBaseTransport | None = None, **
         yield client
 
 
+@contextmanager
+def recording_service(tmp_dir: Path, **values: str) -> Iterator[tuple[TestClient, RecordingTransport]]:
+    """(client, transport): the service with a RecordingTransport, no faults yet, in front of the network."""
+    transport = RecordingTransport()
+    with service(tmp_dir, transport, **values) as test_client:
+        yield test_client, transport
+
+
 def post(client: TestClient, request: dict) -> httpx.Response:
     return client.post(f"/cds-services/{SERVICE[request['hook']]}", json=request)
 
 
-@contextmanager
-def uvicorn_server(app) -> Iterator[str]:
-    """The app behind a real uvicorn server on a loopback port (a thread of this process)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_config=None, access_log=True, timeout_keep_alive=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+def uvicorn_server(app) -> ContextManager[str]:
+    """The app behind a real uvicorn server on a loopback port (a thread of this process), its logs
+    (access log included) left to the root logger, where caplog sees them."""
+    return serve_in_thread(app, startup_timeout_s=20, lifespan="on", log_config=None, access_log=True, timeout_keep_alive=5)
 
 
 def load_vignettes(base_url: str, token: str | None = None) -> None:
@@ -211,9 +201,7 @@ def load_vignettes(base_url: str, token: str | None = None) -> None:
 @pytest.fixture(scope="session")
 def medplum():
     """The Medplum server (no token), started once, holding every public vignette's patient record."""
-    if reason := launcher.skip_reason():
-        pytest.skip(reason)
-    with start_fhir_server() as server:
+    with fhir_server_or_skip() as server:
         load_vignettes(server.base_url)
         yield server
 
@@ -221,9 +209,7 @@ def medplum():
 @pytest.fixture(scope="module")
 def medplum_token():
     """A second Medplum server that requires `Authorization: Bearer TOKEN`, with the same records."""
-    if reason := launcher.skip_reason():
-        pytest.skip(reason)
-    with start_fhir_server(token=TOKEN) as server:
+    with fhir_server_or_skip(token=TOKEN) as server:
         load_vignettes(server.base_url, token=TOKEN)
         yield server
 
@@ -297,9 +283,8 @@ SPLITS = {
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> Iterator[tuple[TestClient, RecordingTransport]]:
-    transport = RecordingTransport()
-    with service(tmp_path_factory.mktemp("mixed"), transport) as test_client:
-        yield test_client, transport
+    with recording_service(tmp_path_factory.mktemp("mixed")) as client_and_transport:
+        yield client_and_transport
 
 
 @pytest.mark.fhir_server
@@ -422,9 +407,8 @@ def test_a_page_limit_that_cuts_the_conditions_short_gives_data_incomplete(medpl
 
 @pytest.fixture(scope="module")
 def token_service(tmp_path_factory) -> Iterator[tuple[TestClient, RecordingTransport]]:
-    transport = RecordingTransport()
-    with service(tmp_path_factory.mktemp("token"), transport) as test_client:
-        yield test_client, transport
+    with recording_service(tmp_path_factory.mktemp("token")) as client_and_transport:
+        yield client_and_transport
 
 
 @pytest.mark.fhir_server
@@ -593,8 +577,8 @@ OUTSIDE = "http://10.255.255.1/fhir"  # a private address: must never be contact
 
 def test_a_fhir_server_outside_the_allow_list_is_never_contacted(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    transport = RecordingTransport()  # would forward to the network: it must see no request at all
-    with service(tmp_path, transport, CDS_FHIR_SERVER_ALLOWLIST="http://127.0.0.1:1/") as test_client:
+    # The transport would forward to the network: it must see no request at all.
+    with recording_service(tmp_path, CDS_FHIR_SERVER_ALLOWLIST="http://127.0.0.1:1/") as (test_client, transport):
         fhir = test_client.app.state.cds.fhir
         assert fhir.is_allowed("http://127.0.0.1:1/Patient/x")
         assert not fhir.is_allowed(OUTSIDE)

@@ -337,7 +337,7 @@ def new_card(client: TestClient) -> dict:
     """A hook call that gives the imaging-not-indicated card (a new hookInstance: a new card uuid)."""
     response, elapsed = call(client, vignettes.hook_request(NO_RED_FLAGS, TODAY, "order-sign"))
     assert response.status_code == 200 and card_types(response) == ["imaging-not-indicated"], response.text
-    assert elapsed < 1.0
+    assert elapsed < 2.5  # a card that waited for the database lock would take its 5 s busy timeout
     return response.json()["cards"][0]
 
 
@@ -355,7 +355,7 @@ def check_outage_and_recovery(client: TestClient, outage, count_feedback, caplog
         lost = feedback_for(during[0])
         response, elapsed = post_feedback(client, lost)
         assert response.status_code == 503, response.text
-        assert elapsed < 8.0  # SQLite waits out its 5 s busy timeout first; PostgreSQL refuses at once
+        assert elapsed < 8.0  # one 5 s SQLite busy timeout in all, queued behind the audit writer or not; PostgreSQL refuses at once
         assert int(response.headers["retry-after"]) > 0
         assert response.json()["issue"][0]["code"] == "transient"
         assert audit.flush(15)
@@ -489,9 +489,9 @@ def fresh_postgres_schema() -> Iterator[str]:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-@pytest.mark.postgres
-def test_postgresql_stopped_and_started_again(tmp_path, caplog):
-    caplog.set_level(logging.WARNING)
+@contextmanager
+def service_on_switched_postgres(tmp_path: Path) -> Iterator[tuple[TestClient, TcpSwitch, str]]:
+    """(client, switch, schema): the service on a fresh PostgreSQL schema, reached through a TcpSwitch that is on."""
     upstream = urlsplit(POSTGRES_URL)
     switch = TcpSwitch((upstream.hostname, upstream.port or 5432))
     switch.on()
@@ -499,47 +499,46 @@ def test_postgresql_stopped_and_started_again(tmp_path, caplog):
         url = f"postgresql://{upstream.username or 'postgres'}@127.0.0.1:{switch.port}{upstream.path}?options=-csearch_path%3D{schema}"
         try:
             with TestClient(create_app(settings(tmp_path, CDS_DATABASE_URL=url))) as client:
-
-                @contextmanager
-                def stopped() -> Iterator[None]:
-                    switch.off()
-                    try:
-                        yield
-                    finally:
-                        switch.on()
-
-                def count_feedback(card_uuid: str) -> int:
-                    with psycopg.connect(POSTGRES_URL, options=f"-csearch_path={schema}") as reader:
-                        return reader.execute("SELECT COUNT(*) FROM feedback WHERE card_uuid = %s", (card_uuid,)).fetchone()[0]
-
-                check_outage_and_recovery(client, stopped, count_feedback, caplog)
+                yield client, switch, schema
         finally:
             switch.off()
+
+
+@pytest.mark.postgres
+def test_postgresql_stopped_and_started_again(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    with service_on_switched_postgres(tmp_path) as (client, switch, schema):
+
+        @contextmanager
+        def stopped() -> Iterator[None]:
+            switch.off()
+            try:
+                yield
+            finally:
+                switch.on()
+
+        def count_feedback(card_uuid: str) -> int:
+            with psycopg.connect(POSTGRES_URL, options=f"-csearch_path={schema}") as reader:
+                return reader.execute("SELECT COUNT(*) FROM feedback WHERE card_uuid = %s", (card_uuid,)).fetchone()[0]
+
+        check_outage_and_recovery(client, stopped, count_feedback, caplog)
 
 
 # When PostgreSQL stops answering on open connections (a hung server, a half-dead proxy or pooler: bytes
 # accepted, nothing answered), feedback answers 503 in bounded time instead of waiting forever.
 @pytest.mark.postgres
 def test_postgresql_that_stops_answering_gives_503_in_bounded_time(tmp_path):
-    upstream = urlsplit(POSTGRES_URL)
-    switch = TcpSwitch((upstream.hostname, upstream.port or 5432))
-    switch.on()
-    with fresh_postgres_schema() as schema:
-        url = f"postgresql://{upstream.username or 'postgres'}@127.0.0.1:{switch.port}{upstream.path}?options=-csearch_path%3D{schema}"
+    with service_on_switched_postgres(tmp_path) as (client, switch, _):
+        card = new_card(client)
+        assert post_feedback(client, feedback_for(card))[0].status_code == 200
+        answers: list[int] = []
+        switch.frozen.set()
         try:
-            with TestClient(create_app(settings(tmp_path, CDS_DATABASE_URL=url))) as client:
-                card = new_card(client)
-                assert post_feedback(client, feedback_for(card))[0].status_code == 200
-                answers: list[int] = []
-                switch.frozen.set()
-                try:
-                    worker = threading.Thread(target=lambda: answers.append(client.post(f"{SIGN}/feedback", json=feedback_for(card)).status_code), daemon=True)
-                    worker.start()
-                    worker.join(timeout=8)
-                    answered_in_time = list(answers)
-                finally:
-                    switch.frozen.clear()
-                    worker.join(timeout=15)
-                assert answered_in_time == [503]
+            worker = threading.Thread(target=lambda: answers.append(client.post(f"{SIGN}/feedback", json=feedback_for(card)).status_code), daemon=True)
+            worker.start()
+            worker.join(timeout=8)
+            answered_in_time = list(answers)
         finally:
-            switch.off()
+            switch.frozen.clear()
+            worker.join(timeout=15)
+        assert answered_in_time == [503]

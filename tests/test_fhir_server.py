@@ -11,15 +11,14 @@ import pytest
 from cds_service.demo_loader import DemoLoadError, as_transaction, load_bundles
 from fhir_server import launcher
 from fhir_server.launcher import FhirServerError, load_bundle, start_fhir_server
+from server_support import fhir_server_or_skip
 
 FHIR_JSON = {"Accept": "application/fhir+json"}
 
 
 @pytest.fixture(scope="module")
 def fhir():
-    if reason := launcher.skip_reason():
-        pytest.skip(reason)
-    with start_fhir_server() as server:
+    with fhir_server_or_skip() as server:
         yield server
 
 
@@ -170,9 +169,7 @@ def test_unknown_read_is_404_operation_outcome(fhir):
 
 @pytest.mark.fhir_server
 def test_token_mode_requires_the_bearer_token():
-    if reason := launcher.skip_reason():
-        pytest.skip(reason)
-    with start_fhir_server(token="s3cret-token") as server:
+    with fhir_server_or_skip(token="s3cret-token") as server:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
             response = httpx.get(f"{server.base_url}/Patient", headers=headers)
             assert response.status_code == 401, headers
@@ -201,9 +198,7 @@ def test_launcher_names_the_install_command_when_packages_are_missing(monkeypatc
 
 @pytest.mark.fhir_server
 def test_launcher_stops_the_node_process_on_exit():
-    if reason := launcher.skip_reason():
-        pytest.skip(reason)
-    with start_fhir_server() as server:
+    with fhir_server_or_skip() as server:
         process = server._process
         assert process is not None and process.poll() is None
     assert process.poll() is not None

@@ -23,8 +23,7 @@ from cds_service import vignettes
 from cds_service.app import create_app
 from cds_service.demo import demo_records, scenarios
 from cds_service.settings import Settings
-from fhir_server import launcher
-from fhir_server.launcher import start_fhir_server
+from server_support import fhir_server_or_skip
 
 REPO = Path(__file__).resolve().parent.parent
 TODAY = date(2026, 11, 21)
@@ -68,9 +67,7 @@ def closed_port_url() -> str:
 @pytest.fixture(scope="module")
 def fhir():
     """A fresh server of its own: the Patient count must be the demo's alone."""
-    if reason := launcher.skip_reason():
-        pytest.skip(reason)
-    with start_fhir_server() as server:
+    with fhir_server_or_skip() as server:
         yield server
 
 
@@ -152,9 +149,7 @@ def test_load_demo_with_a_url_that_is_not_http_fails_with_a_clear_message():
 @pytest.mark.fhir_server
 def test_load_demo_refused_by_the_server_names_the_status():
     """A server that wants a token (load-demo has none to give): HTTP 401, named."""
-    if reason := launcher.skip_reason():
-        pytest.skip(reason)
-    with start_fhir_server(token="load-demo-has-no-token") as server:
+    with fhir_server_or_skip(token="load-demo-has-no-token") as server:
         result = load_demo("--fhir", server.base_url, "--today", TODAY.isoformat())
         assert search_ids(server.base_url, "Patient", token="load-demo-has-no-token") == []
     assert result.returncode != 0

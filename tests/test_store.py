@@ -205,6 +205,21 @@ def test_same_card_audited_twice_keeps_one_card(store):
     assert rows(store, "SELECT COUNT(*) FROM decisions")[0][0] == 2
 
 
+def test_one_batch_stores_every_decision_and_each_card_once_with_its_suggestions_in_order(store):
+    store.record_decisions([
+        decision(card("c-1", suggestions=("s-1", "s-2")), card("c-2")),
+        decision(card("c-1", suggestions=("s-1", "s-2"))),  # the same hook call audited again in the batch
+        decision(card("c-3", suggestions=("s-3",))),
+        decision(status=412),
+    ])
+    assert rows(store, "SELECT COUNT(*) FROM decisions")[0][0] == 4
+    assert sorted(r[0] for r in rows(store, "SELECT card_uuid FROM cards")) == ["c-1", "c-2", "c-3"]
+    assert sorted(rows(store, "SELECT card_uuid, suggestion_uuid, position FROM card_suggestions")) == [
+        ("c-1", "s-1", 1), ("c-1", "s-2", 2), ("c-3", "s-3", 1)]
+    first_decision = rows(store, "SELECT MIN(id) FROM decisions")[0][0]
+    assert rows(store, "SELECT decision_id FROM cards WHERE card_uuid = 'c-1'")[0][0] == first_decision
+
+
 # -- patient key ------------------------------------------------------------------------------
 
 

@@ -71,8 +71,9 @@ class ImagingOrder:
 
 @dataclass
 class Episode:
-    start: date | None
+    start: date | None  # as written
     evidence: list[Evidence]
+    earliest_start: date | None = None  # the first day the start can mean
 
 
 @dataclass
@@ -108,13 +109,23 @@ class Item:
     resource: dict
     concept: dict
     groups: frozenset[str]
-    date: date | None
+    date: date | None  # as written (a partial date's first day): durations count from it
     current: bool  # Conditions: clinical status current; others: True after the status filters
     positive: bool = True  # Observations of findings: False when valued absent/negative
     explicit_positive: bool = False  # Observation explicitly valued present/positive
     quantity: dict | None = None  # Observation valueQuantity
     end: date | None = None  # medications: end of supply
     status: str | None = None
+    earliest: date | None = None  # the first day its date can mean (a time zone's UTC day may be earlier)
+    latest: date | None = None  # the last day its date can mean (a partial date, a UTC day): recency windows
+
+    @property
+    def first_day(self) -> date | None:
+        return self.earliest or self.date
+
+    @property
+    def last_day(self) -> date | None:
+        return self.latest or self.date
 
 
 def extract_facts(
@@ -139,7 +150,7 @@ def extract_facts(
             by_group.setdefault(group, []).append(item)
 
     patient = reader.patient
-    age = fv.age_in_years(reader.birth_date, today)
+    age = _age(reader.patient, today, criteria["policy"]["adult_age_years"])
     evaluator = _Evaluator(knowledge, today, by_group, age)
 
     ces = evaluator.findings(criteria["ces_features"], "ces")
@@ -285,20 +296,26 @@ class _ItemReader:
         else:
             current = clinical in rules["current_clinical"]
         onset_range = resource.get("onsetRange")
-        dates = [
-            fv.parse_date(resource.get("onsetDateTime")),
-            fv.period_start(resource.get("onsetPeriod")),
+        at_age = (
             fv.date_at_age(self.birth_date, resource.get("onsetAge")),  # the earliest day the age can mean
             fv.date_at_age(self.birth_date, onset_range.get("low") if isinstance(onset_range, dict) else None),
-            fv.parse_date(resource.get("onsetString")),
-            fv.parse_date(resource.get("recordedDate")),
+        )
+        spans = [
+            fv.date_span(resource.get("onsetDateTime")),
+            fv.period_start_span(resource.get("onsetPeriod")),
+            *(fv.DateSpan(day, day, day) if day else None for day in at_age),
+            fv.date_span(resource.get("onsetString")),
+            fv.date_span(resource.get("recordedDate")),
         ]
-        # the first date recorded; an onset after today is an entry error: the next one, else today (a sign
-        # dated tomorrow is present now, not unknown)
-        when = next((d for d in dates if d is not None and d <= self.today), None)
-        if when is None and any(dates):
-            when = self.today
-        return [Item("Condition", resource, concept, groups, when, current)]
+        # The first date recorded. An onset after today is an entry error: the next date, else none - a sign
+        # dated tomorrow is present now (recent for the windows), an episode starting tomorrow has no known start.
+        span = next((span for span in spans if span is not None and span.first <= self.today), None)
+        written, earliest, latest = (span.written, span.first, span.last) if span else (None, None, None)
+        if span is None and any(spans):
+            latest = self.today
+        if clinical in rules["undated_return"]:
+            latest = self.today  # it came back, and the onset dates its first occurrence: the return is recent
+        return [Item("Condition", resource, concept, groups, written, current, earliest=earliest, latest=latest)]
 
     def _abated(self, resource: dict) -> bool:
         """Whether a Condition records its end, in any of abatement[x]'s forms, on or before today."""
@@ -318,7 +335,7 @@ class _ItemReader:
         if fv.text(resource.get("status")) in self.status["observation"]["excluded"] or resource.get("dataAbsentReason") is not None:
             return []
         items: list[Item] = []
-        when: Any = _UNREAD
+        when: Any = _UNREAD  # the Observation's DateSpan (or None), read once the first part is in a code group
         components = resource.get("component")
         parts = [resource] + [c for c in components if isinstance(c, dict)] if isinstance(components, list) else (resource,)
         for part in parts:
@@ -328,13 +345,14 @@ class _ItemReader:
             groups = self.codes.concept_groups(concept)
             if groups:
                 if when is _UNREAD:
-                    when = _observation_date(resource)
+                    when = _observation_span(resource)
                 positive, explicit = self._finding_value(part, resource)
                 quantity = part.get("valueQuantity")
                 if not isinstance(quantity, dict):
                     quantity = fv.quantity_from_text(part.get("valueString"))
-                items.append(Item("Observation", resource, concept, groups, when, True,
-                                  positive=positive, explicit_positive=explicit, quantity=quantity))
+                items.append(Item("Observation", resource, concept, groups, when and when.written, True,
+                                  positive=positive, explicit_positive=explicit, quantity=quantity,
+                                  earliest=when and when.first, latest=when and when.last))
             value_concept = part.get("valueCodeableConcept")
             if not isinstance(value_concept, dict) and isinstance(part.get("valueString"), str):
                 value_concept = {"text": part["valueString"]}  # a finding written as the answer ("IVDU - injects daily")
@@ -343,9 +361,10 @@ class _ItemReader:
                 value_groups = self.codes.concept_groups(value_concept)
                 if value_groups and not self._is_qualifier(value_concept):
                     if when is _UNREAD:
-                        when = _observation_date(resource)
-                    items.append(Item("Observation", resource, value_concept, value_groups, when, True,
-                                      positive=True, explicit_positive=True))
+                        when = _observation_span(resource)
+                    items.append(Item("Observation", resource, value_concept, value_groups, when and when.written, True,
+                                      positive=True, explicit_positive=True, earliest=when and when.first,
+                                      latest=when and when.last))
         return items
 
     def _finding_value(self, part: dict, resource: dict) -> tuple[bool, bool]:
@@ -402,7 +421,8 @@ class _ItemReader:
         if not groups:
             return []
         start, end = _medication_period(resource, self.today)
-        return [Item(resource["resourceType"], resource, concept, groups, start, True, end=end, status=status)]
+        return [Item(resource["resourceType"], resource, concept, groups, start and start.written, True, end=end,
+                     status=status, earliest=start and start.first)]
 
     def _referenced_medication_code(self, resource: dict) -> dict | None:
         reference = resource.get("medicationReference")
@@ -438,13 +458,14 @@ class _ItemReader:
         groups = self.codes.concept_groups(concept)
         if not groups:
             return []
-        when = None
+        span = None
         for element in date_elements:
             value = resource.get(element)
-            when = fv.period_start(value) if element.endswith("Period") else fv.parse_date(value)
-            if when:
+            span = fv.period_start_span(value) if element.endswith("Period") else fv.date_span(value)
+            if span:
                 break
-        return [Item(resource["resourceType"], resource, concept, groups, when, True, status=status)]
+        return [Item(resource["resourceType"], resource, concept, groups, span and span.written, True, status=status,
+                     earliest=span and span.first, latest=span and span.last)]
 
     def order_reason_items(self, order: dict) -> list[Item]:
         """The draft order's reasonCode: the ordering clinician's stated reason, current as of today."""
@@ -559,16 +580,18 @@ class _Evaluator:
         if item.source == "Procedure" and definition.get("procedure_status") and item.status:
             if item.status not in definition["procedure_status"]:
                 return False
-        in_window = window is None or self._within(item.date, window)
+        in_window = window is None or self._within(item, window)
         if item.source != "Condition":
             return in_window
         if status == "any":
             return in_window
         if status == "current_or_recent":
-            return item.current or (window is not None and self._within(item.date, window))
+            return item.current or (window is not None and self._within(item, window))
         return item.current and in_window
 
-    def _within(self, when: date | None, days: int) -> bool:
+    def _within(self, item: Item, days: int) -> bool:
+        """Whether the item is dated at most `days` before today, by the last day its date can mean."""
+        when = item.last_day
         if when is None:
             return False  # an unknown date is unknown, not recent
         return (self.today - when).days <= days
@@ -583,7 +606,7 @@ class _Evaluator:
         sides = {id(i): self._sides(i, paired["codes"]) for i in members}
         sided = [i for i in members if sides[id(i)]]
         needed = {code["side"] for code in paired["codes"]}
-        if needed <= set().union(*sides.values()) and any(self._within(i.date, paired["within_days"]) for i in sided):
+        if needed <= set().union(*sides.values()) and any(self._within(i, paired["within_days"]) for i in sided):
             return others + sided
         return others
 
@@ -619,7 +642,7 @@ class _Evaluator:
         threshold = definition["at_least"]
         evidence = []
         for item in items:
-            if item.source != "Observation" or item.quantity is None or not self._within(item.date, definition["within_days"]):
+            if item.source != "Observation" or item.quantity is None or not self._within(item, definition["within_days"]):
                 continue
             if item.quantity.get("comparator") in ("<", "<="):
                 continue  # "<200 mL" never meets an at-least threshold
@@ -658,7 +681,7 @@ class _Evaluator:
         used = []
         courses: set[tuple] = set()
         for item in items:
-            if item.source not in MEDICATION_TYPES or item.date is None or item.date > self.today:
+            if item.source not in MEDICATION_TYPES or item.date is None or item.first_day > self.today:
                 continue
             # Days of *supply* started in the look-back: a 90-day course prescribed 30 days ago is 90 days of
             # supply (criteria.md R10 ">= 90 d supply in last 365 d"), not 30 days elapsed. A course with no
@@ -682,7 +705,7 @@ class _Evaluator:
         window_start = self.today - timedelta(days=definition["within_days"])
         evidence = []
         for item in items:
-            if item.source not in MEDICATION_TYPES or item.date is None or item.date > self.today:
+            if item.source not in MEDICATION_TYPES or item.date is None or item.first_day > self.today:
                 continue
             if (item.end or item.date) >= window_start:
                 evidence.append(self._to_evidence(item, definition))
@@ -711,15 +734,20 @@ class _Evaluator:
         items = [i for i in self._candidates(definition) if self._status_and_window_ok(definition, i)]
         if not items:
             return None
-        dated = [i.date for i in items if i.source == "Condition" and i.date is not None]
-        return Episode(start=min(dated) if dated else None, evidence=[self._to_evidence(i, definition) for i in items])
+        dated = [i for i in items if i.source == "Condition" and i.date is not None]
+        return Episode(
+            start=min(i.date for i in dated) if dated else None,
+            evidence=[self._to_evidence(i, definition) for i in items],
+            earliest_start=min(i.first_day for i in dated) if dated else None,
+        )
 
     def conservative_care(self, definition: dict, episode: Episode | None) -> tuple[Finding | None, int | None]:
         if episode is None or episode.start is None:
             return None, None
         items = [
             i for i in self._candidates(definition)
-            if i.date is not None and episode.start <= i.date <= self.today
+            # started on or after the onset (on a day both dates can mean: time zones), and not in the future
+            if i.date is not None and (episode.earliest_start or episode.start) <= i.last_day and i.first_day <= self.today
         ]
         if not items:
             return None, None
@@ -738,18 +766,30 @@ class _Evaluator:
         return finding, (self.today - first.date).days
 
 
-def _observation_date(resource: dict) -> date | None:
+def _observation_span(resource: dict) -> fv.DateSpan | None:
+    """The days an Observation's effective time (else its issue time) can mean."""
     return (
-        fv.parse_date(resource.get("effectiveDateTime"))
-        or fv.period_end(resource.get("effectivePeriod"))
-        or fv.period_start(resource.get("effectivePeriod"))
-        or fv.parse_date(resource.get("effectiveInstant"))
-        or fv.parse_date(resource.get("issued"))
+        fv.date_span(resource.get("effectiveDateTime"))
+        or fv.period_end_span(resource.get("effectivePeriod"))
+        or fv.period_start_span(resource.get("effectivePeriod"))
+        or fv.date_span(resource.get("effectiveInstant"))
+        or fv.date_span(resource.get("issued"))
     )
 
 
-def _medication_period(resource: dict, today: date) -> tuple[date | None, date | None]:
-    """Start and end of a medication's supply, from whatever the resource records."""
+def _age(patient: dict | None, today: date, adult_age: int) -> int | None:
+    """Age in years from the first day the birthDate can mean; None (unknown) when a partial birthDate
+    ("2008-03") leaves it open whether the patient is an adult."""
+    birth_date = patient.get("birthDate") if patient else None
+    oldest = fv.age_in_years(fv.parse_date(birth_date), today)
+    youngest = fv.age_in_years(fv.latest_date(birth_date), today)
+    if oldest is not None and youngest is not None and youngest < adult_age <= oldest:
+        return None
+    return oldest
+
+
+def _medication_period(resource: dict, today: date) -> tuple[fv.DateSpan | None, date | None]:
+    """Start (the days it can mean) and end of a medication's supply, from whatever the resource records."""
     effective_period = resource.get("effectivePeriod")
     dosage_bounds = None
     duration = None
@@ -759,16 +799,17 @@ def _medication_period(resource: dict, today: date) -> tuple[date | None, date |
             dosage_bounds = dosage_bounds or repeat.get("boundsPeriod")
             duration = duration or fv.duration_days(repeat.get("boundsDuration"))
     dispense = resource.get("dispenseRequest") if isinstance(resource.get("dispenseRequest"), dict) else {}
-    start = (
-        fv.parse_date(resource.get("effectiveDateTime"))
-        or fv.period_start(effective_period)
-        or fv.period_start(dosage_bounds)
-        or fv.parse_date(resource.get("authoredOn"))
-        or fv.period_start(dispense.get("validityPeriod"))
-        or fv.parse_date(resource.get("dateAsserted"))
+    span = (
+        fv.date_span(resource.get("effectiveDateTime"))
+        or fv.period_start_span(effective_period)
+        or fv.period_start_span(dosage_bounds)
+        or fv.date_span(resource.get("authoredOn"))
+        or fv.period_start_span(dispense.get("validityPeriod"))
+        or fv.date_span(resource.get("dateAsserted"))
     )
-    if start is None:
+    if span is None:
         return None, None
+    start = span.written
     end = fv.period_end(effective_period) or fv.period_end(dosage_bounds)
     if end is None:
         supply = fv.duration_days(dispense.get("expectedSupplyDuration"))
@@ -787,7 +828,7 @@ def _medication_period(resource: dict, today: date) -> tuple[date | None, date |
             end = today
         else:
             end = start
-    return start, max(end, start)
+    return span, max(end, start)
 
 
 def _supply_days(intervals: list[tuple[date, date, bool]]) -> int:

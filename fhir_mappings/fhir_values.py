@@ -3,28 +3,58 @@
 from __future__ import annotations
 
 import re
-from datetime import date, timedelta
-from typing import Any
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, NamedTuple
 
 _QUANTITY_TEXT = re.compile(r"\s*([-+]?\d{1,6}(?:[.,]\d{1,6})?)\s*(\S.{0,20}?)?\s*")
 
 
-def parse_date(value: Any) -> date | None:
-    """The calendar date of a FHIR date, dateTime or instant, as written (the patient's timeline).
+class DateSpan(NamedTuple):
+    """The calendar days a FHIR date, dateTime or instant can mean."""
 
-    Partial dates take their first day ("2026-03" -> 2026-03-01). Anything unreadable is None.
-    """
+    first: date  # the first day it can mean
+    written: date  # the day as written; a partial date's first day
+    last: date  # the last day it can mean
+
+
+def date_span(value: Any) -> DateSpan | None:
+    """The days a FHIR date, dateTime or instant can mean: the day as written; a partial date its whole year or
+    month ("2025-12": 1 to 31 December); a dateTime with a time-zone offset its written day and its day in UTC
+    when they differ ("2026-02-28T23:30:00-10:00": 28 February as written, 1 March in UTC). Unreadable: None."""
     if not isinstance(value, str) or len(value) < 4:
         return None
     text = value.strip()
     try:
         if len(text) == 4:
-            return date(int(text), 1, 1)
+            return DateSpan(date(int(text), 1, 1), date(int(text), 1, 1), date(int(text), 12, 31))
         if len(text) == 7:
-            return date(int(text[:4]), int(text[5:7]), 1)
-        return date.fromisoformat(text[:10])
+            first = date(int(text[:4]), int(text[5:7]), 1)
+            return DateSpan(first, first, (first.replace(day=28) + timedelta(days=4)).replace(day=1) - timedelta(days=1))
+        written = date.fromisoformat(text[:10])
     except ValueError:
         return None
+    utc_day = written
+    if len(text) > 10:
+        try:
+            moment = datetime.fromisoformat(text)
+            if moment.tzinfo is not None:
+                utc_day = moment.astimezone(timezone.utc).date()
+        except (ValueError, OverflowError):  # an unreadable time, or year 1 west of UTC
+            pass
+    return DateSpan(min(written, utc_day), written, max(written, utc_day))
+
+
+def parse_date(value: Any) -> date | None:
+    """The calendar date of a FHIR date, dateTime or instant as written (the patient's timeline): the day that
+    durations count from. Partial dates take their first day ("2026-03" -> 2026-03-01). Unreadable: None."""
+    span = date_span(value)
+    return span.written if span else None
+
+
+def latest_date(value: Any) -> date | None:
+    """The last calendar day a FHIR date, dateTime or instant can mean (see date_span)."""
+    span = date_span(value)
+    return span.last if span else None
 
 
 def text(value: Any) -> str | None:
@@ -49,6 +79,14 @@ def period_start(period: Any) -> date | None:
 
 def period_end(period: Any) -> date | None:
     return parse_date(period.get("end")) if isinstance(period, dict) else None
+
+
+def period_start_span(period: Any) -> DateSpan | None:
+    return date_span(period.get("start")) if isinstance(period, dict) else None
+
+
+def period_end_span(period: Any) -> DateSpan | None:
+    return date_span(period.get("end")) if isinstance(period, dict) else None
 
 
 def codings(concept: Any) -> list[dict]:

@@ -1046,3 +1046,93 @@ def test_tablets_a_day_from_sig_text(text, expected):
 def test_a_quantity_with_a_sig_in_text_gives_the_days_of_supply():
     assert supply_days_from_quantity({"value": 30, "unit": "tablet"}, {"text": "Take 1 tablet by mouth once daily"}) == 30
     assert supply_days_from_quantity({"value": 30, "unit": "mL"}, {"text": "1 tab BID"}) is None  # units that do not count
+
+
+# ---- Imprecise dates: a date that can mean several days never hides a finding --------------------------------------
+# criteria.md counts days before the hook date and is silent on partial dates and time zones. A recency window takes
+# the last day a date can mean; a duration counts from the day as written (a partial date's first day); "started
+# after the onset" and "not in the future" hold when they hold on some day both dates can mean. TODAY is 2026-03-15.
+
+@pytest.mark.parametrize("value,first,written,last", [
+    ("2026-03-15", "2026-03-15", "2026-03-15", "2026-03-15"),
+    ("2025", "2025-01-01", "2025-01-01", "2025-12-31"),
+    ("2024-02", "2024-02-01", "2024-02-01", "2024-02-29"),
+    ("2025-12", "2025-12-01", "2025-12-01", "2025-12-31"),
+    ("2026-02-28T23:30:00-10:00", "2026-02-28", "2026-02-28", "2026-03-01"),
+    ("2026-01-21T07:30:00+11:00", "2026-01-20", "2026-01-21", "2026-01-21"),
+    ("2026-01-20T22:00:00Z", "2026-01-20", "2026-01-20", "2026-01-20"),
+    ("2026-01-20T22:00:00", "2026-01-20", "2026-01-20", "2026-01-20"),  # no zone: as written
+    ("0001-01-01T00:30:00+05:00", "0001-01-01", "0001-01-01", "0001-01-01"),  # before year 1 in UTC: as written
+])
+def test_date_span(value, first, written, last):
+    from datetime import date
+    from fhir_mappings.fhir_values import date_span, latest_date, parse_date
+    span = date_span(value)
+    assert (span.first, span.written, span.last) == (date.fromisoformat(first), date.fromisoformat(written), date.fromisoformat(last))
+    assert parse_date(value) == span.written and latest_date(value) == span.last
+
+
+@pytest.mark.parametrize("value", ["", "20", "2026-13", "2026-02-30", "March 2026", None, 2026])
+def test_date_span_of_unreadable_dates_is_none(value):
+    from fhir_mappings.fhir_values import date_span
+    assert date_span(value) is None
+
+
+def _condition_element(concept: dict, **elements):
+    def patch(resources: list[dict]) -> list[dict]:
+        def change(resource: dict) -> None:
+            if resource["code"]["coding"][0]["code"] == concept["code"]:
+                for name in ("onsetDateTime", "recordedDate"):
+                    resource.pop(name, None)
+                resource.update(elements)
+        return modify(resources, "Condition", change)
+    return patch
+
+
+@pytest.mark.parametrize("onset,expected", [
+    ("2026", CES),  # 1 January to today: may be new
+    ("2026-03", CES),
+    ("2025", NOT_INDICATED),  # at the latest 31 December: 74 days
+    ("2026-02-28T23:30:00-10:00", CES),  # 1 March in UTC: 14 days
+    ("2026-02-28T23:30:00+10:00", NOT_INDICATED),  # 28 February either way: 15 days
+    ("2026-02-28", NOT_INDICATED),
+])
+def test_C3_retention_window_by_the_last_day_its_onset_can_mean(onset, expected):
+    check(with_condition(LBP, URINARY_RETENTION, 200), expected, patch=_condition_element(URINARY_RETENTION, onsetDateTime=onset))
+
+
+@pytest.mark.parametrize("status,expected", [("recurrence", CES), ("relapse", CES), ("active", NOT_INDICATED), ("resolved", NOT_INDICATED)])
+def test_C3_a_recurrence_is_recent_whatever_its_first_onset(status, expected):
+    check(with_condition(LBP, URINARY_RETENTION, 200, status=status), expected)
+
+
+@pytest.mark.parametrize("birth_date,expected", [
+    ("2008-03", INCOMPLETE),  # 17 or 18 today: adulthood unknown
+    ("2008-02", NOT_INDICATED),  # 18 whatever the day
+    ("2008-04", None),  # 17 whatever the day: a child
+    ("2008", INCOMPLETE),
+    ("1970", NOT_INDICATED),
+])
+def test_a_partial_birth_date_that_may_be_under_18_is_an_unknown_age(birth_date, expected):
+    check(LBP, expected, patch=lambda resources: modify(resources, "Patient", lambda r: r.update(birthDate=birth_date)))
+
+
+def test_an_episode_whose_only_onset_is_in_the_future_has_no_known_start_but_a_future_dated_sign_counts():
+    future = _condition_element(LOW_BACK_PAIN, onsetDateTime="2026-09-10")
+    check(LBP, None, patch=future)
+    check(LBP, NOT_INDICATED, patch=_condition_element(LOW_BACK_PAIN, onsetDateTime="2026-09-10", recordedDate="2026-03-05"))
+    retention = with_condition(LBP, URINARY_RETENTION, 1)
+    check(retention, CES, patch=lambda r: future(_condition_element(URINARY_RETENTION, onsetDateTime="2026-03-16")(r)))
+
+
+def test_F1_care_started_after_the_onset_across_time_zones_and_counted_from_its_written_day():
+    # onset 2026-01-21T07:30+11:00 is 2026-01-20T20:30Z; ibuprofen at 22:00Z the same evening came after it
+    vignette = with_medication(adult_with_acute_lbp(days=53), IBUPROFEN, 54)
+    def patch(resources: list[dict]) -> list[dict]:
+        _condition_element(LOW_BACK_PAIN, onsetDateTime="2026-01-21T07:30:00+11:00")(resources)
+        return modify(resources, "MedicationRequest", lambda r: r.update(authoredOn="2026-01-20T22:00:00Z"))
+    check(vignette, INDICATED, "RF-FAILED-CONSERVATIVE-6W", patch=patch)
+    # an active prescription written for tomorrow in Brisbane is today in UTC: in use now
+    tacrolimus = with_medication(LBP, TACROLIMUS, 1)
+    check(tacrolimus, INDICATED, patch=lambda r: modify(r, "MedicationRequest", lambda m: m.update(authoredOn="2026-03-16T01:10:00+10:00")))
+    check(tacrolimus, NOT_INDICATED, patch=lambda r: modify(r, "MedicationRequest", lambda m: m.update(authoredOn="2026-03-17")))

@@ -90,50 +90,12 @@ VIGNETTES = load()
 # UV2-D03 unreadable Conditions with a red flag), decided and written into the vignette's expected answer as
 # "Decision (...)" for clinical review.
 DISAGREEMENTS: dict[str, str] = {
-    # --- Round 5 (16 of 58; 5 fixed: incontinence codes, '<' comparators, interpretation vs value, future onsets).
-    # Left, all AMBIGUOUS (criteria.md is silent; the vignette expects the safer reading), for clinical review:
-    # times with offsets (the service reads dates as written), partial dates as ranges, a recurrence's onset,
-    # a current fever Condition older than 14 days, a partial birthDate around 18.
-    "UV5-Z01": "AMBIGUOUS. C3 (new retention, onset <= 14 d, current): onsetDateTime 2026-02-28T23:30:00-10:00 is "
-               "2026-03-01 in UTC (14 d) but fhir_values.parse_date keeps the written date (text[:10] = 2026-02-28, "
-               "15 d), so facts._Evaluator._within drops it -> warning instead of critical. Fix: for 'within N days' "
-               "CES/red-flag windows take the LATER of the written date and the UTC date of a dateTime with an offset "
-               "(e.g. parse_date returning both; _within uses the latest).",
-    "UV5-Z03": "AMBIGUOUS. R2 (temperature >= 38.0 Cel, <= 14 d): effectiveDateTime 2026-02-28T23:30:00-10:00 is 14 d in "
-               "UTC, 15 d as written; same cause as UV5-Z01 (fhir_values.parse_date text[:10] + _Evaluator._within "
-               "in FEVER_OBSERVATION/_measurements) -> warning although a red flag is plausibly present. Same fix.",
-    "UV5-Z06": "1.10 #1 (care 'started on/after episode onset', >= 42 d): LBP onset 2026-01-21T07:30+11:00 "
-               "(= 2026-01-20T20:30Z), ibuprofen authoredOn 2026-01-20T22:00Z, i.e. 90 minutes AFTER the onset. "
-               "_Evaluator.conservative_care compares written calendar dates (episode.start 2026-01-21 <= 2026-01-20 "
-               "fails), drops the only therapy -> W1 warning instead of F1 info. It also breaks README's own 'patient's "
-               "timeline' decision. Fix: normalise dateTimes with offsets to one zone (the episode Condition's offset, or "
-               "UTC) before taking the date, or compare instants when both carry a time.",
-    "UV5-P02": "AMBIGUOUS. C3: retention onsetDateTime '2026' (1 Jan - 15 Mar 2026, 0-73 d ago), active. "
-               "fhir_values.parse_date maps a partial date to its FIRST day (2026-01-01, 73 d) -> outside 14 d -> "
-               "warning; the CES sign is plausibly new. Fix: parse partial dates as a range; for 'within N days' windows "
-               "use the range's latest day (capped at today); keep the earliest for durations.",
-    "UV5-P03": "AMBIGUOUS. R6 (trauma onset <= 90 d): V43.52XA onset '2025-12' (74-104 d ago) read as 2025-12-01 "
-               "(104 d) by fhir_values.parse_date -> warning although the crash may be within 90 d. Same fix as UV5-P02.",
-    "UV5-P05": "AMBIGUOUS. R4 (IVDU current or <= 365 d): F11.20 inactive, onset '2025' read as 2025-01-01 (438 d) -> "
-               "no flag -> warning although 2025 overlaps the 365-day window. Same fix as UV5-P02.",
-    "UV5-F05": "AMBIGUOUS. Step 7 / 1.10 #2 (start unknown -> no card): the only LBP Condition has a future onset and no "
-               "recordedDate; the service uses the future onset (episode 0 d) -> W1 warning instead of no card. Same "
-               "fix as UV5-F02 (future onset = unknown -> N-unknown-duration).",
-    "UV5-F04": "R5 (immunosuppressant <= 90 d): active tacrolimus MedicationRequest authoredOn 2026-03-16T01:10:00+10:00 "
-               "(= 2026-03-15T15:10Z, today in UTC). facts._Evaluator._medication_in_use skips items with "
-               "item.date > today using the written date -> no flag -> warning for an immunosuppressed patient. Fix: "
-               "do not skip active prescriptions dated up to a day (or any time) ahead: treat the start as "
-               "min(start, today) for medication_in_use (and normalise offsets as in UV5-Z06).",
-    "UV5-A06": "AMBIGUOUS. Step 3 (< 18 -> no card; 1.9 Children) + README 8 (age unknown -> data-incomplete): birthDate "
-               "'2008-03' (17 or 18 today). fhir_values.parse_date -> 2008-03-01 -> age 18 in facts.extract_facts -> W1 "
-               "warning for a possible 17-year-old. Fix: when a partial birthDate's earliest and latest birth days give "
-               "ages on both sides of policy.adult_age_years, set age None (decide.py then gives data-incomplete), or "
-               "use the youngest possible age (then no card).",
-    "UV5-C05": "AMBIGUOUS. C3 ('onset <= 14 d, current'; 1.7 GIRFT 'recent onset or deterioration'): retention with "
-               "clinicalStatus recurrence keeps its first onset (200 d); criteria.yaml C3 (status current + "
-               "within_days 14) drops it in _Evaluator._status_and_window_ok -> warning. Fix: for CES features a "
-               "Condition in recurrence/relapse whose recurrence date is not recorded counts as new (e.g. criteria.yaml "
-               "'recurrence_is_new: true'), or date it by recordedDate/meta.lastUpdated when later than onset.",
+    # --- Round 5 (16 of 58): fixed first: incontinence codes, '<' comparators, interpretation vs value, future
+    # onsets; then, where criteria.md is silent, the reading that hides no finding: a date that can mean several
+    # days (a partial date, a time whose UTC day differs) is recent by its last day and starts on its first; a
+    # recurrence or relapse is recent; a partial birthDate that may be under 18 is an unknown age; an episode whose
+    # only onset is in the future has no known start. Left, for clinical review, because criteria.md states the
+    # window: an active fever Condition older than 14 days.
     "UV5-W06": "AMBIGUOUS. R2 (fever Condition, <= 14 d) vs 1.9 (only OLD/RESOLVED symptoms are non-flags): R50.9 still "
                "active with onset 15 d; criteria.yaml R2 FEVER_CONDITION has status current AND within_days 14, so an "
                "ongoing (persistent) fever is dropped -> warning. Fix: for the FEVER_CONDITION entry count a current "

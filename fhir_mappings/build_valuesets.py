@@ -71,7 +71,10 @@ def build(source: dict[str, Any], rules: dict[str, Any]) -> dict[str, dict[str, 
                           "exclude_words": [*medication.get("exclude_words", []), *exclude_all], "stop_codes": True}
         elif finding is not None:
             medication = {"names": finding["names"],
-                          "exclude_words": [*finding.get("exclude_words", []), *rules.get("finding_exclude_words_all", [])]}
+                          "exclude_words": [*finding.get("exclude_words", []), *rules.get("finding_exclude_words_all", [])],
+                          "site_names": finding.get("site_names", []), "site_words": finding.get("site_words", [])}
+            if bool(medication["site_names"]) != bool(medication["site_words"]):
+                raise ValueError(f"{name}: finding_names.site_names and site_words go together")
         patterns = {_system(systems, key, name): value for key, value in (group_rules.get("patterns") or {}).items()}
         valueset = _valueset(name, group, group_rules, patterns, medication, aliases, rules["release"],
                              source["meta"]["licensing"])
@@ -138,6 +141,8 @@ def _valueset(name, group, group_rules, patterns, medication, aliases, release, 
         extensions.append({"url": EXT_NAME_MATCH, "extension": [
             *({"url": "name", "valueString": word} for word in medication["names"]),
             *({"url": "exclude-word", "valueString": word} for word in medication["exclude_words"]),
+            *({"url": "site-name", "valueString": word} for word in medication.get("site_names", [])),
+            *({"url": "site-word", "valueString": word} for word in medication.get("site_words", [])),
             *([{"url": "exclusions-stop-codes", "valueBoolean": True}] if medication.get("stop_codes") else []),
         ]})
     description = f"{title}. Role in the decision: {group['role']}."

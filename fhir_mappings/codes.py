@@ -88,9 +88,16 @@ def normalise_code(system: str, code: str) -> str:
 @dataclass(frozen=True)
 class _NameRule:
     group: str
-    names: re.Pattern[str]  # ingredient, brand or finding names, whole words
+    names: re.Pattern[str] | None  # ingredient, brand or finding names, whole words
     exclusions: re.Pattern[str] | None  # words that stop a name match of the group (at the start of a word)
     exclusions_stop_codes: bool  # ... and a code match too (medications: route and form words)
+    site_names: re.Pattern[str] | None = None  # names that count only with a site word in the same clause
+    site_words: re.Pattern[str] | None = None  # ("fusion" with "L4" or "lumbar": not an ankle fusion)
+
+    def named_in(self, clause: str) -> bool:
+        if self.names is not None and self.names.search(clause):
+            return True
+        return self.site_names is not None and bool(self.site_names.search(clause)) and bool(self.site_words.search(clause))
 
 
 class CodeIndex:
@@ -292,7 +299,7 @@ class CodeIndex:
             named: set[str] = set()
             excluded: set[str] = set()
             for clause in _CLAUSE_BREAK.split(text):
-                clause_named = {rule.group for rule in self._name_rules if rule.names.search(clause)}
+                clause_named = {rule.group for rule in self._name_rules if rule.named_in(clause)}
                 clause_excluded = {
                     rule.group for rule in self._name_rules if rule.exclusions is not None and rule.exclusions.search(clause)
                 }
@@ -393,15 +400,25 @@ def _extension_value(extension: dict[str, Any]) -> Any:
 def _name_rule(group: str, extension: dict[str, Any]) -> _NameRule:
     names = [item["valueString"] for item in extension["extension"] if item["url"] == "name"]
     words = [item["valueString"] for item in extension["extension"] if item["url"] == "exclude-word"]
+    site_names = [item["valueString"] for item in extension["extension"] if item["url"] == "site-name"]
+    site_words = [item["valueString"] for item in extension["extension"] if item["url"] == "site-word"]
     stop_codes = any(item["url"] == "exclusions-stop-codes" and item["valueBoolean"] for item in extension["extension"])
-    if not names:
+    if not names and not site_names:
         raise ValueError(f"{group}: name-match without names")
+    if bool(site_names) != bool(site_words):
+        raise ValueError(f"{group}: site-name and site-word go together")
     return _NameRule(
         group=group,
-        names=re.compile(r"\b(?:" + _alternation(names) + r")\b", re.IGNORECASE),
+        names=_whole_words(names),
         exclusions=re.compile(r"\b(?:" + _alternation(words) + ")", re.IGNORECASE) if words else None,
         exclusions_stop_codes=stop_codes,
+        site_names=_whole_words(site_names),
+        site_words=_whole_words(site_words),
     )
+
+
+def _whole_words(words: list[str]) -> re.Pattern[str] | None:
+    return re.compile(r"\b(?:" + _alternation(words) + r")\b", re.IGNORECASE) if words else None
 
 
 def _alternation(words: list[str]) -> str:

@@ -684,3 +684,37 @@ def test_version_is_a_short_stable_hash_of_the_files(index, tmp_path: Path):
 def test_load_refuses_an_empty_directory(tmp_path: Path):
     with pytest.raises(FileNotFoundError):
         CodeIndex.load(tmp_path)
+
+
+@pytest.mark.parametrize("text, group, expected", [
+    # site names count only with a site word in the same clause (round 7: an arthrodesis status with its levels)
+    ("Arthrodesis status - L4-S1 posterior instrumented fusion 2019", "PRIOR_LUMBAR_SURGERY", True),
+    ("Status post decompression L4/5", "PRIOR_LUMBAR_SURGERY", True),
+    ("TLIF 2021", "PRIOR_LUMBAR_SURGERY", True),
+    ("Arthrodesis status - right subtalar (ankle) fusion 2019", "PRIOR_LUMBAR_SURGERY", False),
+    ("C5-C6 anterior fusion", "PRIOR_LUMBAR_SURGERY", False),
+    ("L5 radiculopathy; ankle fusion 2019", "PRIOR_LUMBAR_SURGERY", False),
+    ("Cervical fusion, L4 numbness", "PRIOR_LUMBAR_SURGERY", False),  # the group's exclusion word holds
+    # criteria.md 1.7: difficulty initiating micturition is a cauda equina sign (C3 window keeps old symptoms out)
+    ("new difficulty starting urination, poor stream", "CES_URINARY_RETENTION", True),
+    ("Urinary hesitancy", "CES_URINARY_RETENTION", True),
+    ("No hesitancy or retention", "CES_URINARY_RETENTION", False),
+    ("Contusion of lower back after a fall", "SIGNIFICANT_TRAUMA", True),
+])
+def test_names_added_in_the_seventh_review(index, text, group, expected):
+    assert (group in index.concept_groups({"text": text})) is expected
+
+
+@pytest.mark.parametrize("code, group, expected", [
+    ("S30.0XXA", "SIGNIFICANT_TRAUMA", True),  # contusion of lower back and pelvis (criteria.md 1.9: 62% fracture)
+    ("S30.811A", "SIGNIFICANT_TRAUMA", True),  # abrasion of lower back and pelvis
+    ("S31.000A", "SIGNIFICANT_TRAUMA", True),  # open wound of lower back and pelvis
+    ("S30.1XXA", "SIGNIFICANT_TRAUMA", False),  # contusion of abdominal wall: not the back
+    ("S39.012A", "SIGNIFICANT_TRAUMA", False),  # strain of lower back: uncomplicated low back pain
+    ("S33.5XXA", "SIGNIFICANT_TRAUMA", False),
+    ("R39.11", "CES_URINARY_RETENTION", True),
+    ("R39.12", "CES_URINARY_RETENTION", False),  # poor urinary stream alone
+])
+def test_codes_added_in_the_seventh_review(index, code, group, expected):
+    concept = {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": code}]}
+    assert (group in index.concept_groups(concept)) is expected

@@ -54,6 +54,11 @@ text (fact ``fhir`` replaces ``code`` with {"text": ...}) or with an unlisted SN
 type it: abbreviations and synonyms of each CES feature (N01-N09, critical) and red flag (N10-N28, info), and
 negations, family history, donors, negative tests and non-spinal sites that must NOT count (X01-X10, warning).
 Disagreements name the fhir_mappings/valueset_rules.yaml group and the names / exclude_words to add.
+
+Round 7 (strict public format for the B series) is an outside judge's view: boundaries of every window, age and supply
+on both sides (round7_boundaries.json, UV7-B*, 60, no disagreement), and false alarms paired with the real finding
+in the same words (round7_false_alarms.json, UV7-F*, 60; three disagreements fixed: hesitancy of micturition as C3,
+a lower-back contusion as trauma, a fusion named with its lumbar level as prior surgery).
 """
 
 from __future__ import annotations

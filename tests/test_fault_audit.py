@@ -308,9 +308,6 @@ def feedback_on_new_card(url: str) -> tuple[str, int]:
     return card["uuid"], httpx.post(url + SIGN + "/feedback", json={"feedback": [item]}, timeout=10).status_code
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the store's pooled SQLite connections keep writing into the unlinked file: feedback answers 200 and "
-    "everything acknowledged, before and after the delete, is gone once the process stops"))
 def test_feedback_acknowledged_after_the_database_file_is_deleted_is_not_lost(tmp_path):
     database = tmp_path / "live-service.db"
     acknowledged = []

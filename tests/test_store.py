@@ -4,7 +4,9 @@ skips. CDS_TEST_POSTGRES_URL overrides the server URL."""
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -14,7 +16,7 @@ import textwrap
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
@@ -601,3 +603,108 @@ def test_audit_writer_survives_a_store_that_raises_anything():
     assert writer.submit(decision(card("c-2"))) is True
     writer.close()
     assert writer.dropped == 2
+
+
+# -- the SQLite file deleted or replaced under a running store ------------------------------------
+
+
+def feedback_cards(path) -> set[str]:
+    """The feedback card uuids in the SQLite file at ``path``, read by a connection of its own."""
+    with closing(sqlite3.connect(path)) as conn:
+        return {row[0] for row in conn.execute("SELECT card_uuid FROM feedback")}
+
+
+@pytest.mark.parametrize("deleted", [("", "-wal", "-shm"), ("",)], ids=["file-wal-shm", "file-only"])
+def test_sqlite_file_deleted_under_the_store_is_restored_with_what_was_written_before_and_after(tmp_path, caplog, deleted):
+    path = tmp_path / "store.db"
+    store = open_store(f"sqlite:///{path}")
+    try:
+        store.record_decision(decision(card("c-before"), patient="secret-patient-key"))
+        store.record_feedback("svc", [overridden("c-before")])
+        shutil.copy(path, tmp_path / "main-only.db")  # the main file without its WAL
+        with closing(sqlite3.connect(tmp_path / "main-only.db")) as conn:  # all so far, schema too, is in the WAL
+            assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+        connection = store._pool._idle[0]
+        store.record_feedback("svc", [overridden("c-before", at="2026-01-05T11:00:00Z")])
+        assert store._pool._idle == [connection]  # file unchanged: the same connection, no reconnect
+
+        for suffix in deleted:
+            os.unlink(f"{path}{suffix}")
+        with caplog.at_level(logging.WARNING, logger="cds_service.store"):
+            store.record_decision(decision(card("c-after")))
+            assert store.record_feedback("svc", [overridden("c-after")]).stored == 1
+
+        assert feedback_cards(path) == {"c-before", "c-after"}  # another process sees the file at the path
+        assert store._pool._idle[0] is not connection
+    finally:
+        store.close()
+    assert feedback_cards(path) == {"c-before", "c-after"}
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert {row[0] for row in conn.execute("SELECT card_uuid FROM cards")} == {"c-before", "c-after"}
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"store sqlite:///{path}: the database file was missing; restored it from the open connection"]
+    assert "secret-patient-key" not in caplog.text and "c-before" not in caplog.text
+    assert not [p.name for p in tmp_path.iterdir() if ".restore-" in p.name]  # the copy was linked, then unlinked
+
+
+@pytest.mark.parametrize("sidecars_left", [False, True], ids=["wal-shm-removed", "wal-shm-left"])
+def test_sqlite_file_replaced_under_the_store_is_used_from_then_on(tmp_path, caplog, sidecars_left):
+    path = tmp_path / "store.db"
+    store = open_store(f"sqlite:///{path}")
+    try:
+        store.record_decision(decision(card("c-old-file")))
+        store.record_feedback("svc", [overridden("c-old-file")])
+        other = open_store(f"sqlite:///{tmp_path / 'other.db'}")
+        other.record_decision(decision(card("c-other")))
+        other.record_feedback("svc", [overridden("c-other")])
+        other.close()
+
+        os.replace(tmp_path / "other.db", path)
+        if not sidecars_left:
+            for suffix in ("-wal", "-shm"):
+                os.unlink(f"{path}{suffix}")
+        with caplog.at_level(logging.WARNING, logger="cds_service.store"):
+            store.record_decision(decision(card("c-new")))
+            store.record_feedback("svc", [overridden("c-new")])
+        assert sorted(r[0] for r in rows(store, "SELECT card_uuid FROM feedback")) == ["c-new", "c-other"]
+    finally:
+        store.close()
+    # The old connection's WAL frames, left at the path, were not read as pages of the new file.
+    assert feedback_cards(path) == {"c-other", "c-new"}
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"store sqlite:///{path}: the database file was replaced; using the new file"]
+
+
+def test_sqlite_file_that_cannot_be_restored_raises_store_error_and_is_restored_once_it_can(tmp_path):
+    directory = tmp_path / "data"
+    directory.mkdir()
+    path = directory / "store.db"
+    store = open_store(f"sqlite:///{path}")
+    try:
+        store.record_decision(decision(card("c-1")))
+        store.record_feedback("svc", [overridden("c-1")])
+        shutil.rmtree(directory)  # the file, its WAL and the directory the copy would go to
+        with pytest.raises(StoreError, match="deleted and cannot be restored"):
+            store.record_feedback("svc", [overridden("c-1", at="2026-01-05T11:00:00Z")])
+        directory.mkdir()
+        assert store.record_feedback("svc", [overridden("c-1", at="2026-01-05T12:00:00Z")]).stored == 1
+    finally:
+        store.close()
+    with closing(sqlite3.connect(path)) as conn:
+        assert sorted(row[0] for row in conn.execute("SELECT outcome_at FROM feedback")) == [
+            "2026-01-05T10:00:00.000000+00:00", "2026-01-05T12:00:00.000000+00:00"]
+
+
+def test_sqlite_memory_store_keeps_its_one_connection(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = open_store("sqlite:///:memory:")
+    try:
+        connection = store._pool._idle[0]
+        store.record_decision(decision(card("c-1")))
+        store.record_feedback("svc", [overridden("c-1")])
+        assert rows(store, "SELECT card_uuid FROM feedback") == [("c-1",)]  # a new connection would be empty
+        assert store._pool._idle == [connection]
+    finally:
+        store.close()
+    assert list(tmp_path.iterdir()) == []

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import sqlite3
+import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import datetime
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -17,6 +20,8 @@ import psycopg
 from .records import StoreError, _utc
 
 POOL_WAIT_S = 10.0  # PostgreSQL: longest wait for a free pooled connection before StoreError (503)
+
+log = logging.getLogger("cds_service.store")
 
 
 class _Dialect:
@@ -53,6 +58,26 @@ class _Dialect:
         """Can this connection serve again after the transaction that just ended?"""
         return True
 
+    def reuse(self, conn: Any, wait_s: float) -> Any:
+        """The connection to hand out for ``conn``, an idle one taken from the pool: ``conn`` itself
+        or a new one (then ``conn`` is closed). If this raises, ``conn`` is untouched and goes back
+        to the pool."""
+        return conn
+
+
+class _SQLiteConnection(sqlite3.Connection):
+    """A connection that remembers the file it opened: (st_dev, st_ino)."""
+
+    file_id: tuple[int, int] | None = None
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
 
 class _SQLite(_Dialect):
     name = "sqlite"
@@ -82,13 +107,15 @@ class _SQLite(_Dialect):
         # behind the audit writer's locked batch must not wait two busy timeouts.
         return self.busy_timeout_s
 
-    def connect(self, wait_s: float) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=wait_s, isolation_level=None, check_same_thread=False)
+    def connect(self, wait_s: float) -> _SQLiteConnection:
+        conn = sqlite3.connect(self.path, timeout=wait_s, isolation_level=None, check_same_thread=False,
+                               factory=_SQLiteConnection)
         try:
             if self.path != ":memory:":
                 mode = self._switch_to_wal(conn, wait_s)
                 if str(mode).lower() != "wal":
                     raise sqlite3.OperationalError(f"cannot switch to WAL journal mode (got {mode})")
+                conn.file_id = _file_id(self.path)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
         except BaseException:
@@ -96,6 +123,73 @@ class _SQLite(_Dialect):
             raise
         return conn
 
+    def reuse(self, conn: _SQLiteConnection, wait_s: float) -> _SQLiteConnection:
+        """``conn`` while the file at ``path`` is still the one it opened (one os.stat); otherwise a
+        connection to the file now at ``path``, so that nothing is written into a deleted file.
+
+        File deleted (with its -wal and -shm): ``conn`` still has them open, so the sqlite3 backup
+        API copies everything committed, WAL content included, into a new file at ``path``. File
+        replaced: the new file is used as it is, without re-running the migrations: they would run
+        inside a transaction of this pool, and on an empty file they would create a new random
+        patient-key secret, silently starting a new series of keys. A file without the schema makes
+        every transaction fail as StoreError (503, feedback retried by the EHR) until the service is
+        restarted, which migrates; restart after replacing the file in any case, as the store keeps
+        the patient-key secret it read at start.
+
+        ``conn`` is closed only once the new connection is open. Closing it leaves the new file alone:
+        SQLite skips the checkpoint (and the deletion of ``<path>-wal`` and ``<path>-shm``) when a
+        connection's file was unlinked or renamed. Limit with several workers: a transaction another
+        worker commits while this one copies the file still goes to the deleted file."""
+        if self.path == ":memory:":
+            return conn
+        now = _file_id(self.path)
+        if now is not None and now == conn.file_id:
+            return conn
+        # First empty conn's WAL into conn's own file: a -wal and -shm left at the path are conn's,
+        # and a new connection would read their frames as pages of the new file.
+        if conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
+            raise StoreError(f"database {self.describe()}: the file was {'deleted' if now is None else 'replaced'}"
+                             " and another connection still reads the old one")
+        restored = now is None and self._restore(conn)
+        if restored:
+            log.warning("store %s: the database file was missing; restored it from the open connection",
+                        self.describe())
+        fresh = self.connect(wait_s)  # if this fails: StoreError for the caller, conn goes on waiting
+        if not restored:
+            log.warning("store %s: the database file was replaced; using the new file", self.describe())
+        _close_quietly(conn)
+        return fresh
+
+    def _restore(self, conn: sqlite3.Connection) -> bool:
+        """Copy ``conn``'s database into a new file at ``path``, linked there only once complete;
+        False if a file appeared there meanwhile (another worker restored it first)."""
+        directory, name = os.path.split(os.path.abspath(self.path))
+        copy = None
+        try:
+            fd, copy = tempfile.mkstemp(prefix=f"{name}.restore-", dir=directory)
+            os.close(fd)
+            with closing(sqlite3.connect(copy, isolation_level=None)) as target:
+                target.execute("PRAGMA synchronous=FULL")
+                conn.backup(target)
+            try:
+                os.link(copy, self.path)  # all at once, and never over a file another worker put there
+            except FileExistsError:
+                return False
+            dir_fd = os.open(directory, os.O_RDONLY)  # make the new name durable
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            return True
+        except OSError as exc:
+            raise StoreError(f"database {self.describe()}: the file was deleted and cannot be restored: "
+                             f"{exc.strerror or type(exc).__name__}") from None
+        finally:
+            if copy is not None:
+                try:
+                    os.unlink(copy)
+                except OSError:
+                    pass
 
     def limit_lock_wait(self, conn: sqlite3.Connection, wait_s: float) -> None:
         conn.execute(f"PRAGMA busy_timeout = {max(1, int(wait_s * 1000))}")
@@ -217,18 +311,26 @@ class _Pool:
             self._release(conn, self._dialect.usable(conn))
 
     def _acquire(self, deadline: float) -> Any:
+        idle = None
         with self._cond:
             while True:
                 if self._closed:
                     raise StoreError("the store is closed")
                 if self._idle:
-                    return self._idle.pop()
+                    idle = self._idle.pop()
+                    break
                 if self._open < self._dialect.pool_size:
                     self._open += 1
                     break
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._cond.wait(timeout=left):
                     raise StoreError("no database connection became free in time")
+        if idle is not None:
+            try:
+                return self._dialect.reuse(idle, max(deadline - time.monotonic(), 0.001))
+            except BaseException:
+                self._release(idle, True)
+                raise
         try:
             return self._dialect.connect(max(deadline - time.monotonic(), 0.001))
         except BaseException:

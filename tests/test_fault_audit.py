@@ -6,12 +6,12 @@ running service. (Fixed since: the FHIR client's shared pool leaked a slot for e
 it waited for a connection, httpcore 1.0.9 encode/httpcore#1093, until every fallback read timed out; each hook
 call now has its own pool, closed when the call ends. And idle TCP connections counted against
 limit_concurrency and were never closed, so 200 sockets that sent nothing locked every other client out; the
-service's protocol now closes a connection that has not sent its headers within 5 s.)
+service's protocol now closes a connection that has not sent its headers within 5 s. And the SQLite file
+deleted while the service ran took every acknowledged feedback with it: the store now notices the missing file
+when it takes a pooled connection and restores it from the open connection, WAL content included.)
 
-What is known to break is a strict xfail with its diagnosis (the test turns red the day it is fixed, so
-the xfail can be removed):
-- the SQLite file deleted while the service runs: feedback keeps answering 200 into the unlinked file,
-  so everything acknowledged (before and after the delete) is gone when the process stops.
+The servers run on the hook date of the data they receive: PAYLOAD_TODAY for the realistic payload (bench/payloads.py),
+TODAY for the public vignettes.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from server_support import live_server
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from payloads import realistic_request  # noqa: E402
+from payloads import TODAY as PAYLOAD_TODAY, realistic_request  # noqa: E402
 
-TODAY = date(2026, 3, 15)
+TODAY = date(2026, 3, 15)  # the vignettes' hook date; PAYLOAD_TODAY is the realistic payload's
 SELECT = "/cds-services/lumbar-imaging-order-select"
 SIGN = "/cds-services/lumbar-imaging-order-sign"
 JSON_HEADERS = {"content-type": "application/json"}
@@ -55,7 +55,7 @@ KEEP_ALIVE_S = 5  # cds_service/__main__.py timeout_keep_alive
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
     """One real service process for the tests that leave it healthy (each checks that it is)."""
-    with live_server(tmp_path_factory.mktemp("fault-audit")) as url:
+    with live_server(tmp_path_factory.mktemp("fault-audit"), today=PAYLOAD_TODAY.isoformat()) as url:
         yield url
 
 
@@ -255,7 +255,7 @@ def fallback_request(fhir_server: str, patient: str = "p1") -> bytes:
 @pytest.mark.parametrize("mode", ["hang", "infinite"])
 def test_50_concurrent_calls_on_a_hanging_or_endless_fhir_server_answer_within_the_deadline(tmp_path, mode):
     deadline_s = 1.0
-    with MisbehavingFhir(mode) as fhir, live_server(tmp_path, env={"CDS_FHIR_DEADLINE": str(deadline_s), "CDS_FHIR_TIMEOUT": "0.8",
+    with MisbehavingFhir(mode) as fhir, live_server(tmp_path, today=PAYLOAD_TODAY.isoformat(), env={"CDS_FHIR_DEADLINE": str(deadline_s), "CDS_FHIR_TIMEOUT": "0.8",
                                                                      "CDS_FHIR_MAX_RESPONSE_BYTES": "2000000"}) as url:
         async def run() -> list[tuple[int, float]]:
             async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
@@ -311,7 +311,7 @@ def feedback_on_new_card(url: str) -> tuple[str, int]:
 def test_feedback_acknowledged_after_the_database_file_is_deleted_is_not_lost(tmp_path):
     database = tmp_path / "live-service.db"
     acknowledged = []
-    with live_server(tmp_path) as url:
+    with live_server(tmp_path, today=TODAY.isoformat()) as url:
         card, status = feedback_on_new_card(url)
         assert status == 200
         acknowledged.append(card)

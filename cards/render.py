@@ -51,7 +51,7 @@ class CardRenderer:
             "uuid": card_uuid,
             "summary": self._fit(summary),
             "indicator": template["indicator"],
-            "detail": detail.strip(),
+            "detail": _tidy(detail),
             "source": self._source(template, assessment.card_type),
             "links": [self._link(g) for g in guidelines],
             "overrideReasons": [
@@ -132,6 +132,8 @@ class CardRenderer:
         else:
             protocol_sentence = t["protocol_reason"]["as_ordered"].format(**values)
         order_sentence = (t["order_matches"] if protocol.order_is_fine else t["order_differs"]).format(**values)
+        if protocol.modality == "MR" and a.order.modality != "MR" and (protocol.contrast == "with-and-without" or protocol.gadolinium_withheld):
+            order_sentence += " " + t["mri_preferred"]
         notes = self._modifier_notes(facts, a)
         if a.unread:
             notes.append(self._unread_note(a.unread))
@@ -364,7 +366,14 @@ def _evidence_list(rows: list[tuple[str, Evidence]]) -> str:
 
 
 def _paragraphs(notes: list[str]) -> str:
-    return "".join(f"\n{note}\n" for note in notes)
+    return "\n\n".join(notes)
+
+
+def _tidy(detail: str) -> str:
+    """Markdown paragraphs: no trailing spaces, one blank line between paragraphs (an empty slot of a template,
+    a note that does not apply, leaves none)."""
+    lines = [line.rstrip() for line in detail.strip().splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
 
 
 def _unique(values) -> list:

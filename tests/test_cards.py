@@ -266,3 +266,28 @@ def test_low_back_pain_display_reaches_the_warning_evidence():
     card = evaluate(adult_with_acute_lbp(episode={**LOW_BACK_PAIN, "display": "Back pain after lifting"})).cards[0]
     assert "Back pain after lifting" in card["detail"]
     assert assessment(card)["order"] == "ServiceRequest/draft-imaging-1"
+
+
+@pytest.mark.parametrize("name,card", CARDS, ids=[name for name, _ in CARDS])
+def test_detail_is_tidy_markdown(name, card):
+    """One blank line between paragraphs, no trailing spaces, and every bold lead-in starts its own paragraph
+    (an '**Urgent:**' line glued to the protocol paragraph would render as one paragraph)."""
+    detail = card["detail"]
+    assert "\n\n\n" not in detail and detail == detail.strip()
+    assert all(line == line.rstrip() for line in detail.splitlines())
+    for line in detail.splitlines():
+        if line.startswith("**") and line not in detail.split("\n\n")[0]:
+            assert f"\n\n{line}" in detail, line
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("info-xray-cancer-loinc", True),  # criteria.md 3.1: X-ray for suspected cancer -> "MRI preferred"
+    ("info-ct-cancer", True),
+    ("info-pregnant-cancer-xray", True),
+    ("info-xray-osteoporosis", False),  # radiography is a usual first study for fracture risk
+    ("info-ct-trauma", False),
+    ("info-cancer-swap", False),  # an MRI order: only the contrast changes
+])
+def test_mri_preferred_over_radiography_or_ct_for_suspected_cancer_or_infection(name, expected):
+    card = dict(CARDS)[f"{name}#0"]
+    assert ("MRI preferred" in card["detail"]) is expected, card["detail"]

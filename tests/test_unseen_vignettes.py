@@ -59,6 +59,12 @@ Round 7 (strict public format for the B series) is an outside judge's view: boun
 on both sides (round7_boundaries.json, UV7-B*, 60, no disagreement), and false alarms paired with the real finding
 in the same words (round7_false_alarms.json, UV7-F*, 60; three disagreements fixed: hesitancy of micturition as C3,
 a lower-back contusion as trauma, a fusion named with its lumbar level as prior surgery).
+
+Round 8: primary-care charts as an EHR sends them, 6-15 facts among unrelated problems and drugs, old and new
+episodes, overlapping therapies, statuses (round8_records.json, UV8-R*, 50), and what the clinician reads on each
+card type per criteria.md 3.1 (round8_card_content.json, UV8-C*, 40, through detailIncludes / detailExcludes,
+protocol and evidence checks). No disagreement; the content review added "MRI preferred" for radiography or CT
+ordered with suspected cancer or infection, and paragraph breaks the Markdown keeps.
 """
 
 from __future__ import annotations

@@ -34,11 +34,10 @@ def date_span(value: Any) -> DateSpan | None:
     except ValueError:
         return None
     utc_day = written
-    if len(text) > 10:
+    offset = text[-6:]
+    if len(text) > 16 and offset[0] in "+-" and offset[3] == ":" and offset[1:] != "00:00":  # a zone that may move the day
         try:
-            moment = datetime.fromisoformat(text)
-            if moment.tzinfo is not None:
-                utc_day = moment.astimezone(timezone.utc).date()
+            utc_day = datetime.fromisoformat(text).astimezone(timezone.utc).date()
         except (ValueError, OverflowError):  # an unreadable time, or year 1 west of UTC
             pass
     return DateSpan(min(written, utc_day), written, max(written, utc_day))

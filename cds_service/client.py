@@ -86,15 +86,29 @@ def send_command(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"send: {exc}", file=sys.stderr)
         return 2
+    if args.key and not (args.kid and args.iss):
+        print("send: --key needs --kid and --iss", file=sys.stderr)
+        return 2
     base = args.url.rstrip("/")
+    discovery = f"{base}/cds-services"
     try:
-        services = httpx.get(f"{base}/cds-services", headers=_auth(args, f"{base}/cds-services"), timeout=10)
-        services.raise_for_status()
+        services = httpx.get(discovery, headers=_auth(args, discovery), timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"send: cannot reach {discovery}: {exc}", file=sys.stderr)
+        return 1
+    if services.status_code != 200:
+        print(f"send: {discovery} answered {services.status_code}: {services.text[:300]}", file=sys.stderr)
+        return 1
+    try:
         service = next(s for s in services.json()["services"] if s["hook"] == args.hook)
-        url = f"{base}/cds-services/{service['id']}"
+    except (StopIteration, KeyError, TypeError, ValueError):
+        print(f"send: {discovery} lists no {args.hook} service", file=sys.stderr)
+        return 1
+    url = f"{base}/cds-services/{service['id']}"
+    try:
         response = httpx.post(url, json=request, headers=_auth(args, url), timeout=30)
-    except (httpx.HTTPError, StopIteration, KeyError, ValueError) as exc:
-        print(f"send: cannot reach a {args.hook} service at {base}: {exc}", file=sys.stderr)
+    except httpx.HTTPError as exc:
+        print(f"send: cannot reach {url}: {exc}", file=sys.stderr)
         return 1
     print(f"POST {url} -> {response.status_code}")
     try:
@@ -107,6 +121,4 @@ def send_command(args: argparse.Namespace) -> int:
 def _auth(args: argparse.Namespace, audience: str) -> dict:
     if not args.key:
         return {}
-    if not (args.kid and args.iss):
-        raise ValueError("--key needs --kid and --iss")
     return {"Authorization": f"Bearer {signed_jwt(args.key, args.kid, args.iss, audience)}"}

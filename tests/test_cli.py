@@ -82,7 +82,9 @@ def test_send_signs_the_jwt_when_the_service_requires_it(tmp_path):
     with live_server(tmp_path, today=TODAY.isoformat(), env={"CDS_CLIENTS_FILE": str(clients)}) as base_url:
         patient = str(bundle_file(tmp_path, "LBP-V01", False))
         unsigned = run_cli("send", "--bundle", patient, "--order", "72148", "--url", base_url)
-        assert unsigned.returncode == 1 and "401" in unsigned.stderr + unsigned.stdout
+        assert unsigned.returncode == 1 and "answered 401" in unsigned.stderr and "cannot reach" not in unsigned.stderr
+        half = run_cli("send", "--bundle", patient, "--order", "72148", "--url", base_url, "--key", str(key_file))
+        assert half.returncode == 2 and "--key needs --kid and --iss" in half.stderr
         signed = run_cli("send", "--bundle", patient, "--order", "72148", "--url", base_url,
                          "--key", str(key_file), "--kid", "ehr-key-1", "--iss", "https://ehr.example.org")
         assert signed.returncode == 0, signed.stdout + signed.stderr
@@ -92,3 +94,8 @@ def test_send_signs_the_jwt_when_the_service_requires_it(tmp_path):
 def test_send_refuses_a_code_it_cannot_place(tmp_path):
     result = run_cli("send", "--bundle", str(bundle_file(tmp_path, "LBP-V01", False)), "--order", "lumbar-mri", "--url", "http://127.0.0.1:9")
     assert result.returncode == 2 and "--system" in result.stderr
+
+
+def test_send_says_when_the_service_cannot_be_reached(tmp_path):
+    result = run_cli("send", "--bundle", str(bundle_file(tmp_path, "LBP-V01", False)), "--order", "72148", "--url", "http://127.0.0.1:9")
+    assert result.returncode == 1 and "cannot reach http://127.0.0.1:9/cds-services" in result.stderr

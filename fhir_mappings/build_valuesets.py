@@ -62,21 +62,20 @@ def build(source: dict[str, Any], rules: dict[str, Any]) -> dict[str, dict[str, 
             raise ValueError(f"{name}: not in code-groups.json and no attributes (a new group needs role etc.)")
         for added in group_rules.get("add_codes", []):
             group["codes"].append({**added, "system": _system(systems, added["system"], name)})
+        name_rules = []  # one name-match extension each: a group may have medication and finding names
         medication = group_rules.get("medication_names")
         finding = group_rules.get("finding_names")
-        if medication is not None and finding is not None:
-            raise ValueError(f"{name}: medication_names and finding_names are exclusive")
         if medication is not None:
-            medication = {"names": medication["ingredients"],
-                          "exclude_words": [*medication.get("exclude_words", []), *exclude_all], "stop_codes": True}
-        elif finding is not None:
-            medication = {"names": finding["names"],
-                          "exclude_words": [*finding.get("exclude_words", []), *rules.get("finding_exclude_words_all", [])],
-                          "site_names": finding.get("site_names", []), "site_words": finding.get("site_words", [])}
-            if bool(medication["site_names"]) != bool(medication["site_words"]):
+            name_rules.append({"names": medication["ingredients"],
+                               "exclude_words": [*medication.get("exclude_words", []), *exclude_all], "stop_codes": True})
+        if finding is not None:
+            name_rules.append({"names": finding.get("names", []),
+                               "exclude_words": [*finding.get("exclude_words", []), *rules.get("finding_exclude_words_all", [])],
+                               "site_names": finding.get("site_names", []), "site_words": finding.get("site_words", [])})
+            if bool(finding.get("site_names")) != bool(finding.get("site_words")):
                 raise ValueError(f"{name}: finding_names.site_names and site_words go together")
         patterns = {_system(systems, key, name): value for key, value in (group_rules.get("patterns") or {}).items()}
-        valueset = _valueset(name, group, group_rules, patterns, medication, aliases, rules["release"],
+        valueset = _valueset(name, group, group_rules, patterns, name_rules, aliases, rules["release"],
                              source["meta"]["licensing"])
         _check(name, group["codes"], patterns)
         result[f"{name}.json"] = valueset
@@ -133,17 +132,17 @@ def main(argv: list[str] | None = None) -> int:
 # ---- one ValueSet ---------------------------------------------------------------------------------------
 
 
-def _valueset(name, group, group_rules, patterns, medication, aliases, release, licensing) -> dict[str, Any]:
+def _valueset(name, group, group_rules, patterns, name_rules, aliases, release, licensing) -> dict[str, Any]:
     vs_id = name.lower().replace("_", "-")
     title = group_rules.get("title") or _fail(f"{name}: no title in the rules file")
     extensions = [_group_extension(key, value) for key, value in group.items() if key != "codes"]
-    if medication is not None:
+    for rule in name_rules:
         extensions.append({"url": EXT_NAME_MATCH, "extension": [
-            *({"url": "name", "valueString": word} for word in medication["names"]),
-            *({"url": "exclude-word", "valueString": word} for word in medication["exclude_words"]),
-            *({"url": "site-name", "valueString": word} for word in medication.get("site_names", [])),
-            *({"url": "site-word", "valueString": word} for word in medication.get("site_words", [])),
-            *([{"url": "exclusions-stop-codes", "valueBoolean": True}] if medication.get("stop_codes") else []),
+            *({"url": "name", "valueString": word} for word in rule["names"]),
+            *({"url": "exclude-word", "valueString": word} for word in rule["exclude_words"]),
+            *({"url": "site-name", "valueString": word} for word in rule.get("site_names", [])),
+            *({"url": "site-word", "valueString": word} for word in rule.get("site_words", [])),
+            *([{"url": "exclusions-stop-codes", "valueBoolean": True}] if rule.get("stop_codes") else []),
         ]})
     description = f"{title}. Role in the decision: {group['role']}."
     if group.get("note"):
@@ -152,7 +151,7 @@ def _valueset(name, group, group_rules, patterns, medication, aliases, release, 
         description += f" Rule: {_sentence(group['rule'])}"
     if patterns:
         description += " Beyond the enumerated codes, membership follows the ICD-10 hierarchy rules in compose (regex filters on the normalised code; excludes win)."
-    if medication is not None:
+    if name_rules:
         description += " Concepts with unknown codes are matched by name (name-match extension)."
     valueset = {
         "resourceType": "ValueSet",

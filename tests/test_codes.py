@@ -718,3 +718,19 @@ def test_names_added_in_the_seventh_review(index, text, group, expected):
 def test_codes_added_in_the_seventh_review(index, code, group, expected):
     concept = {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": code}]}
     assert (group in index.concept_groups(concept)) is expected
+
+
+@pytest.mark.parametrize("concept, group, expected", [
+    # round 9 (records from outside the US)
+    ({"text": "Referral to physiotherapist - MSK physiotherapy"}, "CONSERVATIVE_THERAPY", True),
+    ({"text": "Chiropractor, 6 sessions"}, "CONSERVATIVE_THERAPY", True),
+    ({"text": "Physiotherapy declined"}, "CONSERVATIVE_THERAPY", False),
+    ({"text": "Co-codamol 30mg/500mg tablets"}, "CONSERVATIVE_THERAPY", True),
+    ({"text": "Dihydrocodeine 30mg tablets"}, "CONSERVATIVE_THERAPY", True),
+    ({"coding": [{"system": SNOMED, "code": "386725007", "display": "Body temperature"}]}, "FEVER_OBSERVATION", True),
+    ({"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "M21.3"}]}, "NEURO_SEVERE_UNILATERAL", True),
+    ({"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "M21.37"}]}, "NEURO_SEVERE_UNILATERAL", True),
+    ({"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "M21.33"}]}, "NEURO_SEVERE_UNILATERAL", False),  # wrist drop
+])
+def test_codes_and_names_added_in_the_ninth_review(index, concept, group, expected):
+    assert (group in index.concept_groups(concept)) is expected

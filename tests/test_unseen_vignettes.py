@@ -65,6 +65,10 @@ episodes, overlapping therapies, statuses (round8_records.json, UV8-R*, 50), and
 card type per criteria.md 3.1 (round8_card_content.json, UV8-C*, 40, through detailIncludes / detailExcludes,
 protocol and evidence checks). No disagreement; the content review added "MRI preferred" for radiography or CT
 ordered with suspected cancer or infection, and paragraph breaks the Markdown keeps.
+
+Round 9 (round9_international.json, UV9-I*, 45): records from outside the US: SNOMED CT-only problem lists, WHO
+ICD-10, dm+d or UK-named medicines, OPCS-4, SNOMED-coded orders. Four disagreements fixed: a SNOMED body temperature,
+WHO M21.3 foot drop without a site, a physiotherapy referral written as text, co-codamol.
 """
 
 from __future__ import annotations

@@ -162,6 +162,7 @@ def create_app(settings: Settings | None = None, *, fhir_transport: Any = None) 
         return Response(error_body(exc), exc.status, media_type=JSON)
 
     @app.api_route("/cds-services", methods=["GET", "HEAD"])
+    @app.api_route("/cds-services/", methods=["GET", "HEAD"], include_in_schema=False)  # a base URL written with a slash
     async def discovery(request: Request) -> Response:
         try:
             await authenticate(request)

@@ -57,6 +57,7 @@ def demo_router(get_state: Callable[[], Any]) -> APIRouter:
         return get_state().settings.today or date.today()
 
     @router.get("/", include_in_schema=False)
+    @router.get("/demo/", include_in_schema=False)
     def root(request: Request) -> Response:
         return RedirectResponse(_root(request) + "/demo", status_code=307)
 

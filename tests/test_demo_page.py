@@ -307,8 +307,9 @@ def test_each_order_choice_of_the_page_is_lumbar_imaging(client):
 # -- the page, its assets and the wiring -----------------------------------------------------------
 
 
-def test_root_redirects_to_the_demo_page(client):
-    response = client.get("/", follow_redirects=False)
+@pytest.mark.parametrize("path", ["/", "/demo/"])
+def test_root_redirects_to_the_demo_page(client, path):
+    response = client.get(path, follow_redirects=False)
     assert response.status_code in (302, 303, 307) and response.headers["location"] == "/demo"
     page = client.get("/demo")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

@@ -45,6 +45,13 @@ def test_discovery_is_200_json_with_a_services_array(discovery):
     assert isinstance(body["services"], list) and body["services"]
 
 
+def test_discovery_answers_with_a_trailing_slash_too(tmp_path, discovery):
+    """A base URL configured as ".../cds-services/" finds the same services (and no redirect to follow)."""
+    with TestClient(create_app(app_settings(tmp_path))) as client:
+        response = client.get("/cds-services/", follow_redirects=False)
+    assert response.status_code == 200 and response.json() == discovery.json()
+
+
 def test_one_service_per_hook_with_distinct_ids(services):
     assert sorted(s["hook"] for s in services) == ["order-select", "order-sign"]
     ids = [s["id"] for s in services]

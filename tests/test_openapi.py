@@ -207,6 +207,7 @@ def test_path_parameter_enums_are_the_services_of_discovery(client, api):
 def test_every_response_for_the_public_vignettes_validates(client, api):
     CALL, FEEDBACK = "/cds-services/{service_id}", "/cds-services/{service_id}/feedback"
     api.check_response("GET", "/cds-services", client.get("/cds-services"))
+    api.check_response("GET", "/cds-services/", client.get("/cds-services/"))
     api.check_response("GET", "/healthz", client.get("/healthz"))
     api.check_response("GET", "/openapi.json", client.get("/openapi.json"))
 
@@ -273,7 +274,8 @@ def test_every_response_for_the_public_vignettes_validates(client, api):
     documented = {(m, p, s) for (m, p) in api.operations() if p.startswith("/cds-services")
                   for s in api.document["paths"][p][m.lower()]["responses"]}
     elsewhere = {("GET", "/cds-services", "401"), ("POST", CALL, "401"), ("POST", FEEDBACK, "401"),
-                 ("GET", "/cds-services", "503"), ("POST", CALL, "503"), ("POST", FEEDBACK, "503")}
+                 ("GET", "/cds-services", "503"), ("POST", CALL, "503"), ("POST", FEEDBACK, "503"),
+                 ("GET", "/cds-services/", "401"), ("GET", "/cds-services/", "503")}
     assert documented - api.validated == elsewhere
 
 
@@ -293,6 +295,7 @@ def test_authenticated_mode_refusals_validate(tmp_path, api):
     with TestClient(create_app(settings(tmp_path, CDS_CLIENTS_FILE=str(clients)))) as secured:
         for method, path, template in (
             ("GET", "/cds-services", "/cds-services"),
+            ("GET", "/cds-services/", "/cds-services/"),
             ("POST", "/cds-services/lumbar-imaging-order-sign", "/cds-services/{service_id}"),
             ("POST", "/cds-services/lumbar-imaging-order-sign/feedback", "/cds-services/{service_id}/feedback"),
         ):

@@ -734,3 +734,17 @@ def test_codes_added_in_the_seventh_review(index, code, group, expected):
 ])
 def test_codes_and_names_added_in_the_ninth_review(index, concept, group, expected):
     assert (group in index.concept_groups(concept)) is expected
+
+
+@pytest.mark.parametrize("text, group, expected", [
+    # round 10 (every way an EHR records a cauda equina sign)
+    ("Reduced perineal sensation", "CES_SADDLE_ANAESTHESIA", True),
+    ("Altered perianal sensation", "CES_SADDLE_ANAESTHESIA", True),
+    ("Saddle numbness, reflexes intact", "CES_SADDLE_ANAESTHESIA", True),
+    ("Normal perineal sensation", "CES_SADDLE_ANAESTHESIA", False),
+    ("Unable to pass urine since this morning", "CES_URINARY_RETENTION", True),
+    ("Bilateral sciatica with weakness", "CES_BILATERAL_DEFICIT", True),
+    ("Bilateral sciatica", "CES_BILATERAL_DEFICIT", False),  # pain alone: criteria.md 1.10 #6
+])
+def test_names_added_in_the_tenth_review(index, text, group, expected):
+    assert (group in index.concept_groups({"text": text})) is expected

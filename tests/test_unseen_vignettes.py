@@ -69,6 +69,11 @@ ordered with suspected cancer or infection, and paragraph breaks the Markdown ke
 Round 9 (round9_international.json, UV9-I*, 45): records from outside the US: SNOMED CT-only problem lists, WHO
 ICD-10, dm+d or UK-named medicines, OPCS-4, SNOMED-coded orders. Four disagreements fixed: a SNOMED body temperature,
 WHO M21.3 foot drop without a site, a physiotherapy referral written as text, co-codamol.
+
+Round 10 (round10_ces_shapes.json, UV10-S*, 40): every way an EHR records each cauda equina sign (codes, text, findings
+as values or components, interpretations, residuals in L or as text, the order's reasons) and the negated, old or
+unilateral mirrors. Three disagreements fixed, all text: "reduced perineal sensation", "unable to pass urine",
+"bilateral sciatica with weakness".
 """
 
 from __future__ import annotations

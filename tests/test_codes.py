@@ -748,3 +748,28 @@ def test_codes_and_names_added_in_the_ninth_review(index, concept, group, expect
 ])
 def test_names_added_in_the_tenth_review(index, text, group, expected):
     assert (group in index.concept_groups({"text": text})) is expected
+
+
+@pytest.mark.parametrize("text, group, expected", [
+    # round 11 (red flags as clinicians type them)
+    ("mets to spine", "MALIGNANCY", True),
+    ("lytic lesion L3", "MALIGNANCY", True),
+    ("Exercise tolerance 4 METs", "MALIGNANCY", False),
+    ("no hx of cancer", "MALIGNANCY", False),
+    ("FHx: mother Ca breast", "MALIGNANCY", False),
+    ("injects heroin", "IV_DRUG_USE", True),
+    ("MTX 15mg once weekly", "IMMUNOSUPPRESSANT_MEDS", True),
+    ("on long-term pred", "SYSTEMIC_CORTICOSTEROIDS", True),
+    ("Pred Forte eye drops", "SYSTEMIC_CORTICOSTEROIDS", False),
+    ("vertebral crush #", "FRAGILITY_FRACTURE", True),
+    ("fell off ladder", "SIGNIFICANT_TRAUMA", True),
+    ("mechanical fall at home", "LOW_VELOCITY_FALL", True),
+    ("falls risk assessment", "LOW_VELOCITY_FALL", False),
+    ("spinal TB", "SPINAL_INFECTION", True),
+    ("pyrexial 38.5", "FEVER_CONDITION", True),
+    ("Bechterew's disease", "SPONDYLOARTHROPATHY", True),
+    ("physio for 8 weeks, no better", "CONSERVATIVE_THERAPY", True),
+    ("r/o osteoporosis - DEXA requested", "OSTEOPOROSIS", False),
+])
+def test_names_added_in_the_eleventh_review(index, text, group, expected):
+    assert (group in index.concept_groups({"text": text})) is expected

@@ -74,6 +74,11 @@ Round 10 (round10_ces_shapes.json, UV10-S*, 40): every way an EHR records each c
 as values or components, interpretations, residuals in L or as text, the order's reasons) and the negated, old or
 unilateral mirrors. Three disagreements fixed, all text: "reduced perineal sensation", "unable to pass urine",
 "bilateral sciatica with weakness".
+
+Round 11 (round11_flag_shapes.json, UV11-T*, 45): every red flag and failed care as clinicians type them, and
+negated, family or ruled-out mirrors. Sixteen disagreements fixed by names and exclusion words (mets, lytic lesion,
+injects heroin, MTX, pred, crush fracture, ladder falls, mechanical fall, spinal TB, pyrexial, Bechterew, physio;
+"no hx", "FHx", "r/o") and one rule: an immunosuppressant on the problem list counts for R5, as steroids do for R10.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ class ImagingOrder:
 class Episode:
     start: date | None  # as written
     evidence: list[Evidence]
-    earliest_start: date | None = None  # the first day the start can mean
+    earliest_start: date | None = None  # the first day the start can mean (set whenever start is)
 
 
 @dataclass
@@ -350,9 +350,8 @@ class _ItemReader:
                 quantity = part.get("valueQuantity")
                 if not isinstance(quantity, dict):
                     quantity = fv.quantity_from_text(part.get("valueString"))
-                items.append(Item("Observation", resource, concept, groups, when and when.written, True,
-                                  positive=positive, explicit_positive=explicit, quantity=quantity,
-                                  earliest=when and when.first, latest=when and when.last))
+                items.append(Item("Observation", resource, concept, groups, current=True, **_dated(when),
+                                  positive=positive, explicit_positive=explicit, quantity=quantity))
             value_concept = part.get("valueCodeableConcept")
             if not isinstance(value_concept, dict) and isinstance(part.get("valueString"), str):
                 value_concept = {"text": part["valueString"]}  # a finding written as the answer ("IVDU - injects daily")
@@ -362,9 +361,8 @@ class _ItemReader:
                 if value_groups and not self._is_qualifier(value_concept):
                     if when is _UNREAD:
                         when = _observation_span(resource)
-                    items.append(Item("Observation", resource, value_concept, value_groups, when and when.written, True,
-                                      positive=True, explicit_positive=True, earliest=when and when.first,
-                                      latest=when and when.last))
+                    items.append(Item("Observation", resource, value_concept, value_groups, current=True, **_dated(when),
+                                      positive=True, explicit_positive=True))
         return items
 
     def _finding_value(self, part: dict, resource: dict) -> tuple[bool, bool]:
@@ -464,8 +462,7 @@ class _ItemReader:
             span = fv.period_start_span(value) if element.endswith("Period") else fv.date_span(value)
             if span:
                 break
-        return [Item(resource["resourceType"], resource, concept, groups, span and span.written, True, status=status,
-                     earliest=span and span.first, latest=span and span.last)]
+        return [Item(resource["resourceType"], resource, concept, groups, current=True, status=status, **_dated(span))]
 
     def order_reason_items(self, order: dict) -> list[Item]:
         """The draft order's reasonCode: the ordering clinician's stated reason, current as of today."""
@@ -747,7 +744,7 @@ class _Evaluator:
         items = [
             i for i in self._candidates(definition)
             # started on or after the onset (on a day both dates can mean: time zones), and not in the future
-            if i.date is not None and (episode.earliest_start or episode.start) <= i.last_day and i.first_day <= self.today
+            if i.date is not None and episode.earliest_start <= i.last_day and i.first_day <= self.today
         ]
         if not items:
             return None, None
@@ -764,6 +761,13 @@ class _Evaluator:
             guidelines=tuple(definition.get("guidelines", ())),
         )
         return finding, (self.today - first.date).days
+
+
+def _dated(span: fv.DateSpan | None) -> dict[str, date | None]:
+    """An Item's date fields from the days its date can mean (all None when it has no readable date)."""
+    if span is None:
+        return {"date": None, "earliest": None, "latest": None}
+    return {"date": span.written, "earliest": span.first, "latest": span.last}
 
 
 def _observation_span(resource: dict) -> fv.DateSpan | None:

@@ -7,9 +7,11 @@ on the FHIR record the vignette describes (the same record the HTTP tests send a
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import date, timedelta
 
 import pytest
+
+from fhir_mappings.fhir_values import date_span, latest_date, parse_date
 
 from scenarios import (
     ABNORMAL_REFLEX, ABSENT, ACUTE_RETENTION, ALENDRONATE, ANKYLOSING_SPONDYLITIS, BASAL_CELL_CARCINOMA, BODY_TEMPERATURE,
@@ -1065,8 +1067,6 @@ def test_a_quantity_with_a_sig_in_text_gives_the_days_of_supply():
     ("0001-01-01T00:30:00+05:00", "0001-01-01", "0001-01-01", "0001-01-01"),  # before year 1 in UTC: as written
 ])
 def test_date_span(value, first, written, last):
-    from datetime import date
-    from fhir_mappings.fhir_values import date_span, latest_date, parse_date
     span = date_span(value)
     assert (span.first, span.written, span.last) == (date.fromisoformat(first), date.fromisoformat(written), date.fromisoformat(last))
     assert parse_date(value) == span.written and latest_date(value) == span.last
@@ -1074,7 +1074,6 @@ def test_date_span(value, first, written, last):
 
 @pytest.mark.parametrize("value", ["", "20", "2026-13", "2026-02-30", "March 2026", None, 2026])
 def test_date_span_of_unreadable_dates_is_none(value):
-    from fhir_mappings.fhir_values import date_span
     assert date_span(value) is None
 
 
